@@ -1,0 +1,120 @@
+"""Defaults shared by every config: the backbone constants and the paper's training recipe.
+
+Spec sections 1 and 6. Size files (`meki_1p7b.py`, ...) override the model shape; everything here
+is a number a user may change from the command line (`--config.optim.peak_lr=3e-4`).
+"""
+
+import ml_collections
+
+QWEN3_VOCAB_SIZE = 151_680  # 151,669 Qwen3 tokens padded up to a multiple of 128.
+QWEN3_EOD_ID = 151_643  # <|endoftext|>
+
+
+def model_config(*, num_layers, d_model, num_heads, num_kv_heads, d_ff, d_mem):
+  """A Qwen3 backbone with the MeKi branch (spec sections 1, 2 and 4)."""
+  return ml_collections.ConfigDict(dict(
+      vocab_size=QWEN3_VOCAB_SIZE,
+      num_layers=num_layers,
+      d_model=d_model,
+      num_heads=num_heads,
+      num_kv_heads=num_kv_heads,
+      head_dim=128,
+      d_ff=d_ff,
+      rope_theta=500_000.0,
+      norm_eps=1e-6,
+      qk_norm=True,
+      init_std=0.014,
+      dtype='bfloat16',  # activations; parameters stay in param_dtype
+      param_dtype='float32',
+      remat_policy='mlp',  # none | mlp | full; 'mlp' = the recipe's selective recompute
+      meki=ml_collections.ConfigDict(dict(
+          enabled=d_mem > 0,
+          d_mem=d_mem,
+          memory='both',  # static | dynamic | both
+          fusion='add_sigmoid',  # add_sigmoid | mul_sigmoid | add_silu | mul_silu
+          position='parallel_ffn',  # parallel_ffn | parallel_attention | after_attention | after_ffn
+          projection='swiglu',  # swiglu | linear
+      )),
+  ))
+
+
+def get_config(arg=None):
+  """The training recipe of spec section 6 around a placeholder model (size files set it)."""
+  del arg
+  config = ml_collections.ConfigDict()
+  config.model = model_config(num_layers=2, d_model=256, num_heads=2, num_kv_heads=1, d_ff=512,
+                              d_mem=32)
+  config.data = ml_collections.ConfigDict(dict(
+      seq_len=4096,
+      tokenizer='qwen3',  # 'qwen3' (packaged BPE ranks) or a path to a Hugging Face tokenizer.json
+      eod_id=QWEN3_EOD_ID,
+      # Each source: dict(path=<glob of ArrayRecord token shards>, weight=<mixture weight>).
+      # 'embedded:python-stdlib' is the corpus every machine has (the Python standard library).
+      train_sources=[dict(path='embedded:python-stdlib', weight=1.0)],
+      eval_sources=[],  # empty: hold out eval_fraction of train_sources' documents
+      eval_fraction=0.01,
+      shuffle_seed=0,
+      num_workers=0,  # grain worker processes; 0 = read in the main process
+      prefetch_buffer=16,
+  ))
+  config.train = ml_collections.ConfigDict(dict(
+      seed=0,
+      num_steps=50_000,
+      global_batch_size=256,  # sequences per optimizer step
+      grad_accum_steps=1,  # micro-batches per optimizer step
+      log_every=10,
+      eval_every=1000,
+      eval_batches=8,
+      checkpoint_every=1000,
+      keep_checkpoints=3,
+  ))
+  config.optim = ml_collections.ConfigDict(dict(
+      peak_lr=4e-4,
+      end_lr=2e-4,  # cosine floor
+      warmup_steps=500,
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=0.1,
+      clip_norm=1.0,
+  ))
+  config.mesh = ml_collections.ConfigDict(dict(
+      # Sizes of the mesh axes; -1 takes the devices the other axes leave.
+      shape=ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1)),
+      # Logical axis -> mesh axes (meki_jax/sharding.py lists the logical names).
+      # Memory tables shard over vocab so that no device holds a whole table.
+      axis_rules=[
+          ('batch', ('data', 'fsdp')),
+          ('vocab', ('fsdp', 'tensor')),
+          ('embed', 'fsdp'),
+          ('mlp', 'tensor'),
+          ('heads', 'tensor'),
+          ('kv_heads', 'tensor'),
+          ('mem', None),
+          ('head_dim', None),
+          ('layers', None),
+          ('length', None),
+      ],
+  ))
+  return config
+
+
+VARIANT_KEYS = {'memory': str, 'fusion': str, 'position': str, 'projection': str, 'd_mem': int}
+
+
+def apply_variant(meki, arg):
+  """Applies 'key=value,key=value' (keys of VARIANT_KEYS) from a config argument to `meki`.
+
+  `configs/meki_0p6b.py:memory=static` is the static-only ablation of spec Table 3;
+  validation of the values happens in meki_jax.config.
+  """
+  if not arg:
+    return meki
+  for item in arg.split(','):
+    key, sep, value = item.partition('=')
+    if not sep or key not in VARIANT_KEYS:
+      raise ValueError(f'config argument {item!r}: expected key=value with key in '
+                       f'{sorted(VARIANT_KEYS)}')
+    meki[key] = VARIANT_KEYS[key](value)
+  meki.enabled = meki.d_mem > 0
+  return meki

@@ -1,0 +1,110 @@
+"""The MeKi branch of one layer, spec section 2, equations (1)-(6), in training and folded form.
+
+Training form (`folded=False`):
+    e = alpha * RMSNorm_mix(M[x] + beta * G(E[x]))        (1)-(3), submodule `memory`
+Folded form (`folded=True`), spec section 3:
+    e = M~[x]                                              table `folded_memory`
+Both continue with
+    v = fuse(e, W_gate h)                                  (4)-(5)
+    y = RMSNorm_post(W_out v)                              (6)
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from meki_jax.model.layers import Dense, RMSNorm, SwiGLU, normal_init
+
+MEMORIES = ('static', 'dynamic', 'both')
+FUSIONS = {  # (e, gate pre-activation) -> v; 'add_sigmoid' is equation (5)
+    'add_sigmoid': lambda e, g: e + nn.sigmoid(g),
+    'mul_sigmoid': lambda e, g: e * nn.sigmoid(g),
+    'add_silu': lambda e, g: e + nn.silu(g),
+    'mul_silu': lambda e, g: e * nn.silu(g),
+}
+POSITIONS = ('parallel_ffn', 'parallel_attention', 'after_attention', 'after_ffn')
+PROJECTIONS = ('swiglu', 'linear')
+
+
+def gather_rows(table, token_ids):
+  """table [vocab, width], token_ids [batch, seq] -> [batch, seq, width]."""
+  rows = jnp.take(table, token_ids, axis=0)
+  return nn.with_logical_constraint(rows, ('batch', 'length', 'mem'))
+
+
+class MemoryMix(nn.Module):
+  """Equations (1)-(3): the training-time memory vector e of one layer.
+
+  Holds every parameter the fold removes: M (`memory_table`, [vocab, d_mem]), G (`projection`),
+  alpha, beta and the mix RMSNorm.
+  """
+  config: object  # FrozenConfigDict of config.model
+
+  def setup(self):
+    cfg, meki = self.config, self.config.meki
+    dtypes = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+    scalar = nn.with_logical_partitioning(nn.initializers.ones, ())
+    self.uses_static = meki.memory in ('static', 'both')
+    self.uses_dynamic = meki.memory in ('dynamic', 'both')
+    if self.uses_static:
+      self.memory_table = self.param('memory_table', normal_init(cfg.init_std, ('vocab', 'mem')),
+                                     (cfg.vocab_size, meki.d_mem), dtypes['param_dtype'])
+    if self.uses_dynamic:
+      if meki.projection == 'swiglu':  # G: d -> d/2 -> d_mem
+        self.projection = SwiGLU(hidden=cfg.d_model // 2, out=meki.d_mem, out_axis='mem',
+                                 std=cfg.init_std, **dtypes)
+      else:
+        self.projection = Dense(meki.d_mem, ('embed', 'mem'), std=cfg.init_std, **dtypes)
+      self.beta = self.param('beta', scalar, (), dtypes['param_dtype'])
+    self.alpha = self.param('alpha', scalar, (), dtypes['param_dtype'])
+    self.mix_norm = RMSNorm(axis='mem', eps=cfg.norm_eps, **dtypes)
+
+  def __call__(self, token_ids, embed_rows):
+    """token_ids [batch, seq], embed_rows = E_global[token_ids] [batch, seq, d] -> e [.., d_mem]."""
+    static_rows = gather_rows(self.memory_table, token_ids) if self.uses_static else None
+    return self.mix(static_rows, embed_rows)
+
+  def mix(self, static_rows, embed_rows):
+    """Equation (3) from M rows [..., d_mem] and E rows [..., d]; either may be unused."""
+    total = 0.0
+    if self.uses_static:
+      total = static_rows.astype(self.mix_norm.dtype)  # (1)
+    if self.uses_dynamic:
+      total = total + self.beta * self.projection(embed_rows)  # (2)
+    return self.alpha * self.mix_norm(total)  # (3)
+
+  def fold_rows(self, vocab_start, embed_chunk):
+    """M~ rows [vocab_start, vocab_start + chunk): embed_chunk [chunk, d] -> [chunk, d_mem]."""
+    static_rows = None
+    if self.uses_static:
+      static_rows = jax.lax.dynamic_slice_in_dim(self.memory_table, vocab_start,
+                                                 embed_chunk.shape[0], axis=0)
+    return self.mix(static_rows, embed_chunk)
+
+
+class MekiBranch(nn.Module):
+  """One layer's MeKi branch: h [batch, seq, d_model] -> y [batch, seq, d_model].
+
+  In the folded form `memory_rows` ([batch, seq, d_mem], rows of M~ fetched outside the model,
+  e.g. from host memory) replaces the lookup of the `folded_memory` table.
+  """
+  config: object  # FrozenConfigDict of config.model
+  folded: bool = False
+
+  @nn.compact
+  def __call__(self, hidden, token_ids, embed_rows, memory_rows=None):
+    cfg, meki = self.config, self.config.meki
+    dtypes = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+    if not self.folded:
+      memory = MemoryMix(cfg, name='memory')(token_ids, embed_rows)  # (1)-(3)
+    elif memory_rows is None:
+      table = self.param('folded_memory', normal_init(cfg.init_std, ('vocab', 'mem')),
+                         (cfg.vocab_size, meki.d_mem), dtypes['param_dtype'])
+      memory = gather_rows(table, token_ids)
+    else:
+      memory = nn.with_logical_constraint(memory_rows, ('batch', 'length', 'mem'))
+    memory = memory.astype(dtypes['dtype'])  # e: [batch, seq, d_mem]
+    gate = Dense(meki.d_mem, ('embed', 'mem'), std=cfg.init_std, name='gate', **dtypes)(hidden)
+    fused = FUSIONS[meki.fusion](memory, gate)  # (4)-(5)
+    out = Dense(cfg.d_model, ('mem', 'embed'), std=cfg.init_std, name='out', **dtypes)(fused)
+    return RMSNorm(axis='embed', eps=cfg.norm_eps, name='post_norm', **dtypes)(out)  # (6)

@@ -1,0 +1,57 @@
+"""Configs that make no sense fail with a message naming the field; every shipped config loads."""
+
+import importlib
+import pathlib
+
+import pytest
+
+from configs import base
+from meki_jax.config import ConfigError, validate
+from meki_jax.model.transformer import check_token_ids
+
+CONFIG_DIR = pathlib.Path(base.__file__).parent
+CONFIG_NAMES = sorted(p.stem for p in CONFIG_DIR.glob('*.py') if p.stem not in ('__init__',))
+
+
+@pytest.mark.parametrize('name', CONFIG_NAMES)
+def test_shipped_configs_validate(name):
+  validate(importlib.import_module(f'configs.{name}').get_config())
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('model.num_kv_heads', 3, 'model.num_heads=2 is not divisible by model.num_kv_heads=3'),
+    ('model.meki.d_mem', -1, 'model.meki.d_mem=-1'),
+    ('model.meki.memory', 'hybrid', "model.meki.memory='hybrid' is not one of"),
+    ('model.meki.fusion', 'add_tanh', "model.meki.fusion='add_tanh'"),
+    ('model.meki.position', 'before_attention', "model.meki.position='before_attention'"),
+    ('model.meki.projection', 'mlp', "model.meki.projection='mlp'"),
+    ('model.remat_policy', 'some', "model.remat_policy='some'"),
+    ('model.dtype', 'int8', "model.dtype='int8'"),
+    ('model.d_model', 0, 'model.d_model=0'),
+    ('train.grad_accum_steps', 3, 'train.global_batch_size=256 is not divisible'),
+    ('optim.end_lr', 1.0, 'optim.end_lr=1.0'),
+    ('data.eod_id', 151_680, 'data.eod_id=151680 is outside the vocabulary'),
+])
+def test_nonsense_fails_naming_the_field(field, value, message):
+  config = base.get_config()
+  *parents, leaf = field.split('.')
+  section = config
+  for parent in parents:
+    section = section[parent]
+  section[leaf] = value
+  with pytest.raises(ConfigError, match=message.replace('(', r'\(').replace('[', r'\[')):
+    validate(config)
+
+
+def test_variant_argument_sets_meki_fields_and_rejects_unknown_keys():
+  from configs import meki_0p6b
+  meki = meki_0p6b.get_config('memory=static,d_mem=96').model.meki
+  assert (meki.memory, meki.d_mem, meki.enabled) == ('static', 96, True)
+  with pytest.raises(ValueError, match="'size=3'"):
+    meki_0p6b.get_config('size=3')
+
+
+def test_token_id_out_of_range_names_the_id_and_its_index():
+  with pytest.raises(ValueError, match=r'prompt: token id 151680 at index \(0, 2\)'):
+    check_token_ids([[1, 2, 151_680]], 151_680, where='prompt')
+  check_token_ids([[0, 151_679]], 151_680)

@@ -53,6 +53,7 @@ def get_config(arg=None):
       train_sources=[dict(path='embedded:python-stdlib', weight=1.0)],
       eval_sources=[],  # empty: hold out eval_fraction of train_sources' documents
       eval_fraction=0.01,
+      mask_eod_target=True,  # spec section 6: no loss where the target is end-of-document
       shuffle_seed=0,
       num_workers=0,  # grain worker processes; 0 = read in the main process
       prefetch_buffer=16,

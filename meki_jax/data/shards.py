@@ -1,0 +1,73 @@
+"""Token shards: ArrayRecord files with one document per record.
+
+A record is the document's token ids as little-endian uint32 bytes, ending with the
+end-of-document id. ArrayRecord gives grain random access to every document, so the global
+shuffle and the per-process split are index arithmetic, not reads.
+"""
+
+import glob
+import os
+import pathlib
+
+import numpy as np
+from array_record.python import array_record_module
+
+RECORD_DTYPE = np.dtype('<u4')
+SUFFIX = '.array_record'
+
+
+def encode_record(token_ids):
+  return np.asarray(token_ids, RECORD_DTYPE).tobytes()
+
+
+def decode_record(record, where='record'):
+  """bytes -> int32 token ids [n]; fails naming `where` if the bytes are not uint32 tokens."""
+  if len(record) % RECORD_DTYPE.itemsize:
+    raise ValueError(f'{where}: {len(record)} bytes is not a whole number of uint32 tokens; '
+                     'the shard is corrupt or not a meki-jax token shard')
+  return np.frombuffer(record, RECORD_DTYPE).astype(np.int32)
+
+
+class ShardWriter:
+  """Writes documents to `path` atomically: records go to `path.tmp-<pid>`, renamed on close."""
+
+  def __init__(self, path):
+    self.path = pathlib.Path(path)
+    self._tmp = self.path.with_name(f'{self.path.name}.tmp-{os.getpid()}')
+    self._writer = array_record_module.ArrayRecordWriter(str(self._tmp), 'group_size:1')
+    self.documents = 0
+    self.tokens = 0
+
+  def write(self, token_ids):
+    self._writer.write(encode_record(token_ids))
+    self.documents += 1
+    self.tokens += len(token_ids)
+
+  def close(self):
+    self._writer.close()
+    os.replace(self._tmp, self.path)
+
+  def abort(self):
+    self._writer.close()
+    self._tmp.unlink(missing_ok=True)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, exc, tb):
+    if exc_type is None:
+      self.close()
+    else:
+      self.abort()
+
+
+def resolve_shards(pattern):
+  """A glob (or a single file) of ArrayRecord token shards -> sorted paths; fails if none."""
+  paths = sorted(glob.glob(os.path.expanduser(pattern)))
+  if not paths:
+    raise FileNotFoundError(f'no token shards match {pattern!r} (run tools/preprocess.py '
+                            'to make them)')
+  for path in paths:
+    if os.path.getsize(path) == 0:
+      raise ValueError(f'token shard {path} is empty (0 bytes): a write that never finished?')
+  return paths

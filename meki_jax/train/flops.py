@@ -1,0 +1,57 @@
+"""Model FLOPs per token, the one formula behind the logged TFLOP/s and MFU.
+
+Derived from the config, never from XLA's cost analysis, which counts an `nn.scan` body once
+and so reports 1/num_layers of a scanned model's work. A multiply-add is 2 FLOPs; training is
+3x the forward pass (forward, and backward for activations and for weights); rematerialised
+recomputation is not counted (these are model FLOPs, as in MFU).
+
+Forward FLOPs per token:
+  dense matmuls, per layer   2 * (d*H*hd + 2*d*KV*hd + H*hd*d + 3*d*d_ff)
+  attention, per layer       4 * S * H * hd   (QK^T and AV over the full row; the causal and
+                                               document masks are not exploited by the kernel)
+  logits                     2 * d * V
+  MeKi, per layer            2 * (d*d/2 * 2 + d/2 * m)   projection G (SwiGLU; linear: 2*d*m)
+                           + 2 * d * m + 2 * m * d       W_gate and W_out
+                           = 2 d^2 + 5 d m for SwiGLU: twice the spec's "d^2 + (5/2) d m"
+                             multiply-adds; the folded model keeps only the 4 d m of W_gate/W_out.
+"""
+
+from meki_jax.model.transformer import meki_enabled
+
+# Peak dense bf16 TFLOP/s per chip, for MFU (public spec sheets).
+PEAK_TFLOPS = {'TPU v4': 275.0, 'TPU v5 lite': 197.0, 'TPU v5e': 197.0, 'TPU v5p': 459.0,
+               'TPU v5': 459.0, 'TPU v6 lite': 918.0, 'TPU v6e': 918.0}
+
+
+def meki_forward_flops_per_token(model_config):
+  """MeKi's training-form forward FLOPs per token, all layers."""
+  if not meki_enabled(model_config):
+    return 0
+  d, m = model_config.d_model, model_config.meki.d_mem
+  projection = 0
+  if model_config.meki.memory != 'static':
+    projection = (2 * (d * (d // 2) * 2 + (d // 2) * m) if model_config.meki.projection == 'swiglu'
+                  else 2 * d * m)
+  return model_config.num_layers * (projection + 4 * d * m)
+
+
+def forward_flops_per_token(model_config, seq_len):
+  cfg = model_config
+  d, heads, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  dense = 2 * (d * heads * hd + 2 * d * kv * hd + heads * hd * d + 3 * d * cfg.d_ff)
+  attention = 4 * seq_len * heads * hd
+  logits = 2 * d * cfg.vocab_size
+  return cfg.num_layers * (dense + attention) + logits + meki_forward_flops_per_token(cfg)
+
+
+def train_flops_per_token(model_config, seq_len):
+  """Training FLOPs per token: 3 x forward."""
+  return 3 * forward_flops_per_token(model_config, seq_len)
+
+
+def peak_tflops(device_kind):
+  """Peak bf16 TFLOP/s of a device kind, or None when unknown (e.g. CPU: no MFU is logged)."""
+  for name, tflops in PEAK_TFLOPS.items():
+    if device_kind.startswith(name):
+      return tflops
+  return None

@@ -1,0 +1,168 @@
+"""The training loop: config -> mesh -> data -> sharded state -> jitted steps -> checkpoints.
+
+`train(config, workdir)` resumes from the latest checkpoint in `workdir` when there is one
+(state, optimizer, step and the data iterator's position), logs every `train.log_every`
+global steps, evaluates every `train.eval_every`, saves every `train.checkpoint_every`, and on
+SIGTERM (a TPU preemption) saves the current step and returns.
+"""
+
+import functools
+import signal
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from meki_jax import sharding
+from meki_jax.config import validate
+from meki_jax.data.pipeline import make_eval_dataset, make_train_dataset
+from meki_jax.model.transformer import build_model, check_token_ids
+from meki_jax.train import checkpoint, flops, optim, state as state_lib, step as step_lib
+from meki_jax.train.metrics import MetricWriter
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks once per step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def _global_batch(local_batch, batch_sharding, vocab_size):
+  check_token_ids(local_batch['inputs'], vocab_size, where='batch inputs')
+  check_token_ids(local_batch['targets'], vocab_size, where='batch targets')
+  return {key: jax.make_array_from_process_local_data(batch_sharding, local_batch[key])
+          for key in step_lib.BATCH_KEYS}
+
+
+def evaluate(params, config, eval_fn, batch_sharding):
+  """Mean loss over up to `train.eval_batches` held-out batches."""
+  dataset = make_eval_dataset(config.data, global_batch_size=config.train.global_batch_size,
+                              process_index=jax.process_index(),
+                              process_count=jax.process_count())
+  loss_sum, count = 0.0, 0.0
+  for number, local_batch in enumerate(dataset):
+    if number == config.train.eval_batches:
+      break
+    batch = _global_batch(local_batch, batch_sharding, config.model.vocab_size)
+    batch_loss, batch_count = eval_fn(params, batch)
+    loss_sum, count = loss_sum + float(batch_loss), count + float(batch_count)
+  return loss_sum / max(count, 1.0)
+
+
+def train(config, workdir):
+  """Trains until `train.num_steps` or SIGTERM. Returns the last logged metrics."""
+  config = validate(config)
+  train_config = config.train
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.axis_rules(config.mesh)
+  model = build_model(config.model)
+  schedule = optim.learning_rate_schedule(config.optim, train_config.num_steps)
+  optimizer = optim.make_optimizer(config.optim, train_config.num_steps)
+  abstract_state, state_shardings = state_lib.state_shardings(model, optimizer, mesh, rules)
+  batch_spec = nn.logical_to_mesh_axes(('batch', 'length'), rules)
+  batch_sharding = NamedSharding(mesh, batch_spec)
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  data_iterator = iter(make_train_dataset(
+      config.data, global_batch_size=train_config.global_batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count()))
+  manager = checkpoint.checkpoint_manager(workdir, train_config)
+  state = checkpoint.restore(manager, abstract_state, state_shardings, data_iterator)
+  if state is None:
+    state = state_lib.create_state(model, optimizer, mesh, rules,
+                                   jax.random.PRNGKey(train_config.seed))
+  start_step = int(state.step)
+
+  train_fn = jax.jit(
+      functools.partial(step_lib.train_step, model=model, optimizer=optimizer,
+                        schedule=schedule, grad_accum_steps=train_config.grad_accum_steps),
+      in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
+      donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model),
+                    in_shardings=(state_shardings.params, batch_sharding),
+                    out_shardings=replicated)
+
+  tokens_per_step = train_config.global_batch_size * config.data.seq_len
+  flops_per_step = flops.train_flops_per_token(config.model, config.data.seq_len) * tokens_per_step
+  peak = flops.peak_tflops(jax.devices()[0].device_kind)
+  writer = MetricWriter(workdir)
+  preemption = _Preemption()
+  progress = tqdm(total=train_config.num_steps, initial=start_step, desc='train',
+                  disable=not sys.stderr.isatty() or jax.process_index() != 0)
+  last, interval_sums, summed_steps = {}, None, 0
+  interval_start, interval_steps = None, 0
+  try:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      for step in range(start_step, train_config.num_steps):
+        batch = _global_batch(next(data_iterator), batch_sharding, config.model.vocab_size)
+        state, metrics = train_fn(state, batch)
+        interval_sums = metrics if interval_sums is None else jax.tree_util.tree_map(
+            lambda total, value: total + value, interval_sums, metrics)  # stays on device
+        summed_steps += 1
+        global_step = step + 1
+        progress.update(1)
+        if interval_start is None:  # the first step compiles; time from its end
+          jax.block_until_ready(metrics)
+          interval_start, interval_steps = time.perf_counter(), 0
+        else:
+          interval_steps += 1
+        if global_step % train_config.log_every == 0 or global_step == train_config.num_steps:
+          metrics = {name: value / summed_steps for name, value in
+                     jax.device_get(interval_sums).items()}  # means over the interval
+          metrics['learning_rate'] = float(schedule(step))
+          interval_sums, summed_steps = None, 0
+          if interval_steps:
+            seconds = (time.perf_counter() - interval_start) / interval_steps
+            metrics['tokens_per_second'] = tokens_per_step / seconds
+            metrics['tflops_per_device'] = flops_per_step / seconds / jax.device_count() / 1e12
+            if peak:
+              metrics['mfu'] = metrics['tflops_per_device'] / peak
+            interval_start, interval_steps = time.perf_counter(), 0
+          last = dict(metrics)
+          writer.write(global_step, metrics)
+          _report(progress, global_step, train_config.num_steps, metrics)
+        if global_step % train_config.eval_every == 0 or global_step == train_config.num_steps:
+          eval_loss = evaluate(state.params, config, eval_fn, batch_sharding)
+          writer.write(global_step, {'eval_loss': eval_loss})
+          last['eval_loss'] = eval_loss
+          _report(progress, global_step, train_config.num_steps, {'eval_loss': eval_loss})
+        preempted = preemption.requested or (jax.process_count() > 1 and
+                                             manager.reached_preemption(global_step))
+        if (global_step % train_config.checkpoint_every == 0 or preempted
+            or global_step == train_config.num_steps):
+          checkpoint.save(manager, global_step, state, data_iterator, force=True)
+        if preempted:
+          _report(progress, global_step, train_config.num_steps,
+                  {'preempted_checkpoint_step': global_step})
+          break
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    preemption.restore()
+    progress.close()
+    writer.close()
+  return last
+
+
+def _report(progress, step, num_steps, metrics):
+  if jax.process_index() != 0:
+    return
+  text = ' '.join(f'{k} {v:.4g}' for k, v in metrics.items() if k != 'loss_tokens')
+  line = f'step {step}/{num_steps} {text}'
+  if progress.disable:
+    print(line, flush=True)
+  else:
+    progress.write(line)

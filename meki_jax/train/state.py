@@ -1,0 +1,63 @@
+"""The training state and its creation directly in its sharded layout.
+
+Parameters and optimizer state are initialised inside `jax.jit` with `out_shardings` derived
+from the parameters' logical axes, so each device only ever materialises its own shards (a 4B
+model never exists whole on a host).
+"""
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from meki_jax import sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # optimizer steps taken (= global steps; micro-batches are not counted)
+  params: dict
+  opt_state: optax.OptState
+
+
+def _init_fn(model, optimizer):
+  def init(rng):
+    token_ids = jnp.zeros((1, 1), jnp.int32)  # parameter shapes do not depend on length
+    params = model.init(rng, token_ids)['params']  # boxed with logical axes
+    unboxed = nn.meta.unbox(params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=optimizer.init(unboxed))
+  return init
+
+
+def state_shardings(model, optimizer, mesh, rules):
+  """(abstract unboxed TrainState, its NamedShardings) without allocating anything.
+
+  The optimizer's moments take their parameter's sharding: optax mirrors the parameter tree,
+  and each moment leaf is matched to the parameter at the same path.
+  """
+  abstract = jax.eval_shape(_init_fn(model, optimizer), jax.random.PRNGKey(0))
+  param_shardings = sharding.logical_shardings(abstract.params, mesh, rules)
+  unboxed_params = nn.meta.unbox(abstract.params)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  opt_shardings = optax.tree_map_params(
+      optimizer, lambda _, param_sharding: param_sharding, abstract.opt_state, param_shardings,
+      transform_non_params=lambda _: replicated)
+  shardings = TrainState(step=replicated, params=param_shardings,
+                         opt_state=opt_shardings)
+  abstract = TrainState(step=abstract.step, params=unboxed_params, opt_state=abstract.opt_state)
+  return abstract, shardings
+
+
+def create_state(model, optimizer, mesh, rules, rng):
+  """A freshly initialised, sharded TrainState."""
+  _, shardings = state_shardings(model, optimizer, mesh, rules)
+  init = _init_fn(model, optimizer)
+
+  def unboxed_init(rng):
+    state = init(rng)
+    return state.replace(params=nn.meta.unbox(state.params))
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    return jax.jit(unboxed_init, out_shardings=shardings)(rng)

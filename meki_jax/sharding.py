@@ -74,3 +74,17 @@ def logical_shardings(abstract_tree, mesh, rules):
   """NamedShardings for a tree of `nn.LogicallyPartitioned` (or plain) abstract values."""
   logical_specs = nn.get_partition_spec(abstract_tree)
   return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+
+
+def check_divisible(abstract_tree, shardings):
+  """Fails naming the parameter when a sharded dimension does not split evenly over its axes."""
+  def check(path, leaf, named_sharding):
+    for dim, (size, axes) in enumerate(zip(leaf.shape, named_sharding.spec)):
+      names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      shards = math.prod(named_sharding.mesh.shape[name] for name in names)
+      if size % shards:
+        raise ValueError(
+            f'{jax.tree_util.keystr(path)} has shape {leaf.shape}: dimension {dim} ({size}) '
+            f'does not split evenly over mesh axes {names} ({shards} shards); change '
+            'mesh.shape or mesh.axis_rules (or the model size)')
+  jax.tree_util.tree_map_with_path(check, abstract_tree, shardings)

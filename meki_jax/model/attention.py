@@ -1,4 +1,10 @@
-"""Grouped-query self-attention with RoPE, optional q/k RMSNorm and a document-aware causal mask."""
+"""Grouped-query self-attention with RoPE, optional q/k RMSNorm, a document-aware causal mask
+and a KV cache for decoding.
+
+The cache of one layer is a pair (key, value), each [batch, cache_len, kv_heads, head_dim] holding
+RoPE-rotated keys and values; a token's slot is its position, so row b's tokens occupy slots
+0..length_b - 1 and rows of different lengths need no padding mask.
+"""
 
 import flax.linen as nn
 import jax
@@ -20,8 +26,34 @@ def document_causal_mask(segment_ids):
   return (causal & same_document)[:, None, None]
 
 
+def cached_causal_mask(positions, cache_len):
+  """True where the query at positions[b, t] may attend to cache slot s: s <= positions[b, t].
+
+  positions: [batch, seq]. Returns [batch, 1, 1, seq, cache_len] bool. Slots beyond a query's
+  position may hold stale or padding entries; they are masked, then overwritten in order.
+  """
+  return (jnp.arange(cache_len) <= positions[:, :, None])[:, None, None]
+
+
+def init_kv_cache(batch, cache_len, num_kv_heads, head_dim, dtype):
+  """One layer's empty cache: (key, value), each [batch, cache_len, kv_heads, head_dim]."""
+  shape = (batch, cache_len, num_kv_heads, head_dim)
+  return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+
+def _write_rows(cache, new, starts):
+  """cache [batch, cache_len, ...] with new [batch, seq, ...] written at slots starts[b]..."""
+  return jax.vmap(lambda row, update, start: jax.lax.dynamic_update_slice_in_dim(
+      row, update, start, axis=0))(cache, new.astype(cache.dtype), starts)
+
+
 class Attention(nn.Module):
-  """Qwen3 GQA: x [batch, seq, d_model] -> [batch, seq, d_model]."""
+  """Qwen3 GQA: x [batch, seq, d_model] -> [batch, seq, d_model].
+
+  With `cache` (one layer's (key, value), see `init_kv_cache`) the step's keys and values are
+  written at the slots `positions` (contiguous per row), the queries attend over the whole
+  cache, and the call returns (output, updated cache); `segment_ids` is then unused.
+  """
   num_heads: int
   num_kv_heads: int
   head_dim: int
@@ -33,7 +65,7 @@ class Attention(nn.Module):
   param_dtype: jnp.dtype
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids):
+  def __call__(self, x, positions, segment_ids, cache=None):
     kw = dict(std=self.std, dtype=self.dtype, param_dtype=self.param_dtype)
     q = Dense((self.num_heads, self.head_dim), ('embed', 'heads', 'head_dim'), name='q', **kw)(x)
     k = Dense((self.num_kv_heads, self.head_dim), ('embed', 'kv_heads', 'head_dim'), name='k',
@@ -51,13 +83,22 @@ class Attention(nn.Module):
     k = nn.with_logical_constraint(k, ('batch', 'length', 'kv_heads', 'head_dim'))
     v = nn.with_logical_constraint(v, ('batch', 'length', 'kv_heads', 'head_dim'))
 
+    if cache is None:
+      mask = document_causal_mask(segment_ids)
+    else:
+      k = _write_rows(cache[0], k, positions[:, 0])  # [batch, cache_len, kv_heads, head_dim]
+      v = _write_rows(cache[1], v, positions[:, 0])
+      cache = (k, v)
+      mask = cached_causal_mask(positions, k.shape[1])
+
     batch, seq = x.shape[:2]
     group = self.num_heads // self.num_kv_heads
     q = q.reshape(batch, seq, self.num_kv_heads, group, self.head_dim)
     scores = jnp.einsum('btkgh,bskh->bkgts', q, k,
                         preferred_element_type=jnp.float32) * self.head_dim ** -0.5
-    scores = jnp.where(document_causal_mask(segment_ids), scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)  # [batch, kv, group, t, s]
     out = jnp.einsum('bkgts,bskh->btkgh', weights, v)
     out = out.reshape(batch, seq, self.num_heads, self.head_dim)
-    return Dense(x.shape[-1], ('heads', 'head_dim', 'embed'), in_axes=2, name='o', **kw)(out)
+    out = Dense(x.shape[-1], ('heads', 'head_dim', 'embed'), in_axes=2, name='o', **kw)(out)
+    return out if cache is None else (out, cache)

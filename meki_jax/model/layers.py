@@ -1,5 +1,6 @@
 """Building blocks with logical axis names: RMSNorm, bias-free dense layers and SwiGLU."""
 
+import math
 from typing import Sequence
 
 import flax.linen as nn
@@ -80,3 +81,51 @@ class SwiGLU(nn.Module):
     # Named so the 'mlp' remat policy can drop (and recompute) exactly these activations.
     hidden = checkpoint_name(nn.silu(gate), 'mlp_hidden') * checkpoint_name(up, 'mlp_hidden')
     return dense(self.out, (self.hidden_axis, self.out_axis), 'down')(hidden)  # [..., out]
+
+
+def _mesh_axes(logical_name):
+  """The mesh axes (a tuple) the active logical rules map `logical_name` to."""
+  spec = nn.logical_to_mesh_axes((logical_name,))[0]
+  return () if spec is None else ((spec,) if isinstance(spec, str) else tuple(spec))
+
+
+def lookup_rows(table, token_ids):
+  """table [vocab, width], token_ids [batch, seq] -> rows [batch, seq, width].
+
+  When the active mesh shards the vocabulary, each device looks up only the ids that fall in
+  its own slice of rows (others contribute zeros) and the partial rows are summed across the
+  vocabulary shards with a reduce-scatter back onto the batch sharding (Megatron's
+  vocab-parallel embedding). No device ever gathers the whole table, and the gradient is a
+  local scatter-add into each device's own rows.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  vocab_axes = _mesh_axes('vocab') if not mesh.empty else ()
+  vocab_axes = tuple(axis for axis in vocab_axes if mesh.shape[axis] > 1)
+  if not vocab_axes:
+    return jnp.take(table, token_ids, axis=0)
+  batch_axes = _mesh_axes('batch')
+  if token_ids.shape[0] % math.prod(mesh.shape[axis] for axis in batch_axes):
+    batch_axes = ()  # e.g. init's 1-row batch: replicate the ids, sum the rows everywhere
+  scatter_axes = tuple(axis for axis in vocab_axes if axis in batch_axes)
+  sum_axes = tuple(axis for axis in vocab_axes if axis not in batch_axes)
+  ids_axes = tuple(axis for axis in batch_axes if axis not in vocab_axes)
+
+  def local_lookup(table_shard, ids):  # table_shard [vocab / shards, width]
+    shard = 0
+    for axis in vocab_axes:  # row-major index of this device's vocabulary slice
+      shard = shard * mesh.shape[axis] + jax.lax.axis_index(axis)
+    local_ids = ids - shard * table_shard.shape[0]
+    mine = (local_ids >= 0) & (local_ids < table_shard.shape[0])
+    rows = jnp.take(table_shard, jnp.where(mine, local_ids, 0), axis=0)
+    rows = jnp.where(mine[..., None], rows, 0)  # [batch / ids shards, seq, width]
+    if sum_axes:
+      rows = jax.lax.psum(rows, sum_axes)
+    if scatter_axes:
+      rows = jax.lax.psum_scatter(rows, scatter_axes, scatter_dimension=0, tiled=True)
+    return rows
+
+  P = jax.sharding.PartitionSpec
+  return jax.shard_map(local_lookup, mesh=mesh,
+                       in_specs=(P(vocab_axes, None), P(ids_axes or None, None)),
+                       out_specs=P(batch_axes or None, None, None), check_vma=False)(
+                           table, token_ids)

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from meki_jax.model.layers import Dense, RMSNorm, SwiGLU, normal_init
+from meki_jax.model.layers import Dense, RMSNorm, SwiGLU, lookup_rows, normal_init
 
 MEMORIES = ('static', 'dynamic', 'both')
 FUSIONS = {  # (e, gate pre-activation) -> v; 'add_sigmoid' is equation (5)
@@ -28,7 +28,7 @@ PROJECTIONS = ('swiglu', 'linear')
 
 def gather_rows(table, token_ids):
   """table [vocab, width], token_ids [batch, seq] -> [batch, seq, width]."""
-  rows = jnp.take(table, token_ids, axis=0)
+  rows = lookup_rows(table, token_ids)
   return nn.with_logical_constraint(rows, ('batch', 'length', 'mem'))
 
 

@@ -47,6 +47,7 @@ def state_shardings(model, optimizer, mesh, rules):
   shardings = TrainState(step=replicated, params=param_shardings,
                          opt_state=opt_shardings)
   abstract = TrainState(step=abstract.step, params=unboxed_params, opt_state=abstract.opt_state)
+  sharding.check_divisible(abstract.params, shardings.params)
   return abstract, shardings
 
 

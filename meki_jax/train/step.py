@@ -53,7 +53,7 @@ def train_step(state, batch, *, model, optimizer, schedule, grad_accum_steps):
   grads = jax.tree_util.tree_map(lambda g: g / count, grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {'loss': loss_sum / count, 'grad_norm': optax.global_norm(grads),
+  metrics = {'loss': loss_sum / count, 'grad_norm': optax.tree.norm(grads),
              'learning_rate': schedule(state.step), 'loss_tokens': count}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -73,6 +73,7 @@ def get_config(arg=None):
       peak_lr=4e-4,
       end_lr=2e-4,  # cosine floor
       warmup_steps=500,
+      schedule_steps=-1,  # length of the cosine; -1 = train.num_steps (set it to stop early)
       b1=0.9,
       b2=0.95,
       eps=1e-8,

@@ -73,6 +73,8 @@ def validate(config):
     _require(0 <= optim.end_lr <= optim.peak_lr,
              f'optim.end_lr={optim.end_lr} must lie in [0, optim.peak_lr={optim.peak_lr}]')
     _require(optim.warmup_steps >= 0, f'optim.warmup_steps={optim.warmup_steps} must be >= 0')
+    _require(optim.schedule_steps == -1 or optim.schedule_steps > 0,
+             f'optim.schedule_steps={optim.schedule_steps} must be positive or -1')
     _require(0 <= optim.b1 < 1 and 0 <= optim.b2 < 1,
              f'optim.b1={optim.b1}, optim.b2={optim.b2} must lie in [0, 1)')
     _require(optim.weight_decay >= 0, f'optim.weight_decay={optim.weight_decay} must be >= 0')

@@ -69,8 +69,10 @@ def train(config, workdir):
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.axis_rules(config.mesh)
   model = build_model(config.model)
-  schedule = optim.learning_rate_schedule(config.optim, train_config.num_steps)
-  optimizer = optim.make_optimizer(config.optim, train_config.num_steps)
+  schedule_steps = (train_config.num_steps if config.optim.schedule_steps == -1
+                    else config.optim.schedule_steps)
+  schedule = optim.learning_rate_schedule(config.optim, schedule_steps)
+  optimizer = optim.make_optimizer(config.optim, schedule_steps)
   abstract_state, state_shardings = state_lib.state_shardings(model, optimizer, mesh, rules)
   batch_spec = nn.logical_to_mesh_axes(('batch', 'length'), rules)
   batch_sharding = NamedSharding(mesh, batch_spec)

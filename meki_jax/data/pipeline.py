@@ -142,12 +142,19 @@ def make_train_dataset(data_config, *, global_batch_size, process_index=0, proce
 
 
 def make_eval_dataset(data_config, *, global_batch_size, process_index=0, process_count=1):
-  """A finite, deterministic IterDataset of held-out batches (the last one padded)."""
+  """A finite, deterministic IterDataset of held-out batches (the last one padded).
+
+  Every process packs the whole (small) held-out stream into global batches and keeps its own
+  rows of each, so the evaluation set and its packing do not depend on the process count:
+  eval losses are comparable across topologies and across a resume on a different one.
+  """
   if data_config.eval_sources:
     sources = [_open_source(source, data_config, None) for source in data_config.eval_sources]
   else:
     sources = [_open_source(source, data_config, 'eval') for source in data_config.train_sources]
   documents = grain.MapDataset.concatenate([grain.MapDataset.source(s) for s in sources])
-  batch_size = _per_process_batch(global_batch_size, process_count)
-  return _pack_and_batch(documents[process_index::process_count], data_config, batch_size,
-                         drop_remainder=False)
+  rows = _per_process_batch(global_batch_size, process_count)
+  global_batches = _pack_and_batch(documents, data_config, global_batch_size,
+                                   drop_remainder=False)
+  mine = slice(process_index * rows, (process_index + 1) * rows)
+  return global_batches.map(lambda batch: {key: value[mine] for key, value in batch.items()})

@@ -30,23 +30,36 @@ def save(manager, step, state, data_iterator, force=False):
   return manager.save(step, args=ocp.args.Composite(**args), force=force)
 
 
-def restore(manager, abstract_state, state_shardings, data_iterator, step=None):
-  """Restores the latest (or `step`) checkpoint into the given shardings; None if there is none.
+def _has_data_state(manager, step):
+  """Whether `step` holds the iterator state of this process under the current process count.
 
-  The data iterator, when given, is positioned where the saved run left it.
+  grain keys iterator states by (process index, process count); a checkpoint written by a
+  different number of processes restores the model but cannot position this process' stream.
+  """
+  name = f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+  return os.path.exists(os.path.join(str(manager.directory), str(step), 'data', name))
+
+
+def restore(manager, abstract_state, state_shardings, data_iterator, step=None):
+  """Restores the latest (or `step`) checkpoint into the given shardings.
+
+  Returns (state, data_restored), or (None, False) when there is no checkpoint. The data
+  iterator, when given, is positioned where the saved run left it if the checkpoint was written
+  by the same number of processes (data_restored=True).
   """
   step = manager.latest_step() if step is None else step
   if step is None:
-    return None
+    return None, False
   target = jax.tree_util.tree_map(
       lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
       abstract_state, state_shardings)
   args = {'state': ocp.args.StandardRestore(target)}
-  if data_iterator is not None:
+  data_restored = data_iterator is not None and _has_data_state(manager, step)
+  if data_restored:
     args['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
   try:
     restored = manager.restore(step, args=ocp.args.Composite(**args))
   except (ValueError, KeyError, FileNotFoundError) as error:
     raise ValueError(f'checkpoint step {step} in {manager.directory} cannot be restored into '
                      f'this model/config: {error}') from error
-  return restored['state']
+  return restored['state'], data_restored

@@ -17,6 +17,8 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None):
   if coordinator_address:
     num_processes = int(num_processes or os.environ['MEKI_NUM_PROCESSES'])
     process_id = int(process_id if process_id is not None else os.environ['MEKI_PROCESS_ID'])
+    if os.environ.get('JAX_PLATFORMS', '') == 'cpu':  # CPU collectives across processes
+      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
   elif ',' in os.environ.get('TPU_WORKER_HOSTNAMES', ''):

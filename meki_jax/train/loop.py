@@ -78,11 +78,18 @@ def train(config, workdir):
   batch_sharding = NamedSharding(mesh, batch_spec)
   replicated = NamedSharding(mesh, PartitionSpec())
 
-  data_iterator = iter(make_train_dataset(
+  make_data = lambda seed: iter(make_train_dataset(
       config.data, global_batch_size=train_config.global_batch_size,
-      process_index=jax.process_index(), process_count=jax.process_count()))
+      process_index=jax.process_index(), process_count=jax.process_count(), seed=seed))
+  data_iterator = make_data(config.data.shuffle_seed)
   manager = checkpoint.checkpoint_manager(workdir, train_config)
-  state = checkpoint.restore(manager, abstract_state, state_shardings, data_iterator)
+  state, data_restored = checkpoint.restore(manager, abstract_state, state_shardings,
+                                            data_iterator)
+  if state is not None and not data_restored:
+    print(f'checkpoint step {int(state.step)} was written by a different number of processes: '
+          'the model state is restored, the data stream restarts with a fresh shuffle '
+          f'(seed {config.data.shuffle_seed} + {int(state.step)})', file=sys.stderr)
+    data_iterator = make_data(config.data.shuffle_seed + int(state.step))
   if state is None:
     state = state_lib.create_state(model, optimizer, mesh, rules,
                                    jax.random.PRNGKey(train_config.seed))

@@ -68,6 +68,7 @@ def get_config(arg=None):
       eval_batches=8,
       checkpoint_every=1000,
       keep_checkpoints=3,
+      init_from_hf='',  # a Hugging Face Qwen3 directory: start the backbone from its weights
   ))
   config.optim = ml_collections.ConfigDict(dict(
       peak_lr=4e-4,

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from meki_jax import sharding
 from meki_jax.config import validate
+from meki_jax.convert.hf_qwen3 import load_hf_qwen3, merge_backbone
 from meki_jax.data.pipeline import make_eval_dataset, make_train_dataset
 from meki_jax.model.transformer import build_model, check_token_ids
 from meki_jax.train import checkpoint, flops, optim, state as state_lib, step as step_lib
@@ -45,6 +46,13 @@ def _global_batch(local_batch, batch_sharding, vocab_size):
   check_token_ids(local_batch['targets'], vocab_size, where='batch targets')
   return {key: jax.make_array_from_process_local_data(batch_sharding, local_batch[key])
           for key in step_lib.BATCH_KEYS}
+
+
+def _start_from_hf(state, state_shardings, config):
+  """Replaces the fresh backbone with a Hugging Face Qwen3 checkpoint's (MeKi keeps its init)."""
+  backbone = load_hf_qwen3(config.train.init_from_hf, config.model)
+  params = merge_backbone(jax.device_get(state.params), backbone)
+  return state.replace(params=jax.device_put(params, state_shardings.params))
 
 
 def evaluate(params, config, eval_fn, batch_sharding):
@@ -93,6 +101,8 @@ def train(config, workdir):
   if state is None:
     state = state_lib.create_state(model, optimizer, mesh, rules,
                                    jax.random.PRNGKey(train_config.seed))
+    if train_config.init_from_hf:
+      state = _start_from_hf(state, state_shardings, config)
   start_step = int(state.step)
 
   train_fn = jax.jit(

@@ -1,0 +1,1 @@
+"""Checkpoint converters between meki-jax and other formats."""

@@ -7,7 +7,8 @@ tokens of row b, and decode step i feeds row b its token at position n_b - 1 + i
 step feeds the last prompt token, whose logits give the first new token).
 
 `memory` (a `host_memory.HostMemory`) replaces the folded tables on the device: the parameters
-then lack `folded_memory` and each step reads its rows from the host, ahead of use.
+then lack `folded_memory`, and the loop reads each step's rows from the host as soon as it knows
+the step's token ids (`HostMemory.prefetch`), overlapping the read with the step's first layers.
 """
 
 import dataclasses
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from meki_jax.model.attention import init_kv_cache
-from meki_jax.model.transformer import check_token_ids, unstack_layers
+from meki_jax.model.transformer import check_token_ids, meki_enabled, unstack_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +68,7 @@ def decode_params(params, model_config):
 
 
 def init_cache(model_config, batch, cache_len):
-  """An empty KV cache: per layer (key, value), each [batch, cache_len, kv_heads, head_dim]."""
+  """An empty KV cache: per layer (key, value), each [batch, kv_heads, cache_len, head_dim]."""
   return tuple(init_kv_cache(batch, cache_len, model_config.num_kv_heads, model_config.head_dim,
                              jnp.dtype(model_config.dtype))
                for _ in range(model_config.num_layers))
@@ -108,8 +109,10 @@ def prefill_prompt_prefix(model, params, cache, token_ids, chunk_len, memory=Non
   if chunk_len <= 0:
     raise ValueError(f'prefill chunk_len={chunk_len} must be positive')
   for start in range(0, token_ids.shape[1], chunk_len):
-    chunk = jnp.asarray(token_ids[:, start:start + chunk_len], jnp.int32)
-    cache = prefill(model, params, cache, chunk, start, memory)
+    chunk = np.asarray(token_ids[:, start:start + chunk_len], np.int32)
+    if memory is not None:
+      memory.prefetch(chunk)
+    cache = prefill(model, params, cache, jnp.asarray(chunk), start, memory)
   return cache
 
 
@@ -128,6 +131,23 @@ def check_prompts(prompts, vocab_size, cache_len, max_new_tokens):
                        f'{max_new_tokens} it needs {len(prompt) + max_new_tokens} cache slots, '
                        f'but cache_len={cache_len}')
   return np.array([len(prompt) for prompt in prompts], np.int32)
+
+
+def check_memory(model, params, memory):
+  """Raises ValueError if the folded tables are neither in `params` nor a matching `memory`."""
+  cfg = model.config
+  if memory is None:
+    if model.folded and meki_enabled(cfg) and 'folded_memory' not in params['layer_0']['meki']:
+      raise ValueError('the folded params have no folded_memory tables (they were split off '
+                       'for the host): pass memory=<their HostMemory>')
+    return
+  if not (model.folded and meki_enabled(cfg)):
+    raise ValueError('memory (host tables) needs a folded MeKi model: build_model(config.model, '
+                     'folded=True, decode=True)')
+  expected = (cfg.vocab_size, cfg.num_layers, cfg.meki.d_mem)
+  if memory.table.shape != expected:
+    raise ValueError(f'host memory table has shape {memory.table.shape}; model.vocab_size, '
+                     f'num_layers and meki.d_mem need {expected}')
 
 
 def right_pad(prompts, lengths):
@@ -149,6 +169,7 @@ def generate(model, params, prompts, *, max_new_tokens, eod_id=None, cache_len=N
   if cache_len is None:
     cache_len = max((len(prompt) for prompt in prompts), default=0) + max_new_tokens
   lengths = check_prompts(prompts, model.config.vocab_size, cache_len, max_new_tokens)
+  check_memory(model, params, memory)
   token_ids = right_pad(prompts, lengths)
   cache = init_cache(model.config, len(prompts), cache_len)
   cache = prefill_prompt_prefix(model, params, cache, token_ids[:, :-1], prefill_chunk_len,
@@ -157,6 +178,8 @@ def generate(model, params, prompts, *, max_new_tokens, eod_id=None, cache_len=N
   rng = jax.random.PRNGKey(seed)
   rows = np.arange(len(prompts))
   current, positions = token_ids[rows, lengths - 1], lengths - 1  # [batch] each
+  if memory is not None:
+    memory.prefetch(current[:, None])
   outputs = [[] for _ in prompts]
   done = np.zeros(len(prompts), bool)
   for step in range(max_new_tokens):
@@ -169,7 +192,9 @@ def generate(model, params, prompts, *, max_new_tokens, eod_id=None, cache_len=N
         done[row] = True
       else:
         outputs[row].append(int(next_ids[row]))
-    if done.all():
+    if done.all() or step == max_new_tokens - 1:
       break
+    if memory is not None:
+      memory.prefetch(next_ids[:, None])  # overlaps the next step's dispatch and first layers
     current, positions = next_ids, positions + 1
   return outputs

@@ -1,0 +1,100 @@
+"""The JAX side of the export: restoring a checkpoint's parameters, and the command line."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import base
+from meki_jax import sharding
+from meki_jax.export import exporter, memory_store, to_device
+from meki_jax.model.transformer import build_model
+from meki_jax.train import checkpoint, optim, state as state_lib
+from tests.export.conftest import moved_params
+
+
+def test_restore_reads_the_parameters_of_a_checkpoint_written_on_8_devices(tmp_path):
+  config = base.get_config()
+  config.model = base.model_config(num_layers=2, d_model=32, num_heads=2, num_kv_heads=1,
+                                   d_ff=64, d_mem=8)
+  config.model.update(vocab_size=256, head_dim=16, dtype='float32', remat_policy='none')
+  model = build_model(config.model)
+  optimizer = optim.make_optimizer(config.optim, config.train.num_steps)
+  mesh = sharding.make_mesh(config.mesh)
+  assert mesh.size == 8
+  state = state_lib.create_state(model, optimizer, mesh, sharding.axis_rules(config.mesh),
+                                 jax.random.PRNGKey(0))
+  manager = checkpoint.checkpoint_manager(tmp_path, config.train)
+  checkpoint.save(manager, 5, state, None, force=True)
+  manager.wait_until_finished()
+  manager.close()
+
+  for location in (tmp_path, tmp_path / 'checkpoints' / '5'):
+    params, step = exporter.restore_params(config, location)
+    assert step == 5
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, jax.device_get(state.params))
+  with pytest.raises(FileNotFoundError, match='neither a checkpoint step directory'):
+    exporter.restore_params(config, tmp_path / 'checkpoints')
+  config.model.meki.d_mem = 16
+  with pytest.raises(ValueError, match='cannot be restored into this config'):
+    exporter.restore_params(config, tmp_path)
+
+
+def test_a_dense_model_exports_its_backbone_alone(tiny_model_config, tmp_path):
+  config = tiny_model_config(meki=dict(enabled=False))
+  manifest = exporter.export_folded(moved_params(config), config, tmp_path / 'out')
+  assert manifest['memory'] is None
+  assert not (tmp_path / 'out' / memory_store.TABLES).exists()
+  model, memory, _ = to_device.load_export(tmp_path / 'out')
+  assert memory is None and not model.uses_memory
+
+
+def test_the_vocabulary_must_cover_the_tokenizer():
+  data = base.get_config().data
+  record = exporter.vocabulary_record(data, 151_680)
+  assert record == {'size': 151_680, 'tokenizer': 'qwen3', 'tokens_in_use': 151_669,
+                    'eod_id': 151_643}
+  with pytest.raises(ValueError, match='uses 151669 ids, more than model.vocab_size=1000'):
+    exporter.vocabulary_record(data, 1000)
+
+
+def test_command_line_refuses_to_replace_an_export(trained_run, tmp_path):
+  _, workdir, config_file = trained_run
+  out = tmp_path / 'out'
+  command = [sys.executable, 'tools/export_memory.py', f'--config={config_file}',
+             f'--checkpoint={workdir}', f'--out={out}']
+  first = subprocess.run(command, capture_output=True, text=True)
+  assert first.returncode == 0, first.stderr[-2000:]
+  manifest = json.loads((out / memory_store.MANIFEST).read_text())
+  assert manifest['source'] == {'checkpoint': str(workdir / 'checkpoints' / '36'), 'step': 36}
+  assert manifest['vocabulary']['tokens_in_use'] == 151_669
+  assert manifest['memory']['dtype'] == 'float16'  # the default
+  assert len(manifest['memory']['shards']) == 19  # 151,680 rows / 8192
+  before = (out / memory_store.MANIFEST).stat().st_mtime_ns
+
+  second = subprocess.run(command, capture_output=True, text=True)
+  assert second.returncode != 0 and 'pass --overwrite' in second.stderr
+  assert (out / memory_store.MANIFEST).stat().st_mtime_ns == before
+  memory_store.open_export(out)
+
+
+@pytest.mark.slow
+def test_two_processes_export_one_directory_concurrently(trained_run, tmp_path):
+  config, workdir, config_file = trained_run
+  command = lambda index: [sys.executable, 'tools/export_memory.py', f'--config={config_file}',
+                           f'--checkpoint={workdir}', f'--out={tmp_path / "split"}',
+                           '--rows_per_shard=16384', '--process_count=2',
+                           f'--process_index={index}', '--run_id=test-run']
+  processes = [subprocess.Popen(command(index), stderr=subprocess.PIPE, text=True)
+               for index in (1, 0)]
+  for process in processes:
+    assert process.wait(timeout=600) == 0, process.stderr.read()[-2000:]
+  params, step = exporter.restore_params(config, workdir)
+  whole = exporter.export_folded(params, config.model, tmp_path / 'whole',
+                                 rows_per_shard=16384)
+  split = json.loads((tmp_path / 'split' / memory_store.MANIFEST).read_text())
+  assert split['memory'] == whole['memory'] and split['source']['step'] == step
+  memory_store.open_export(tmp_path / 'split')

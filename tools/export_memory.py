@@ -1,0 +1,62 @@
+"""Exports a training checkpoint for inference: folded tables M~ (zarr3) + backbone + manifest.
+
+  python tools/export_memory.py --config=configs/quickstart.py \
+      --checkpoint=runs/quickstart[/checkpoints/120] --out=exports/quickstart [--dtype=float16]
+      [--backbone_dtype=float32] [--rows_per_shard=8192] [--overwrite]
+
+--checkpoint is a step directory or a workdir (its latest step). An existing --out is left
+untouched unless --overwrite. On several hosts run it once per host with --process_index,
+--process_count and one --run_id; each host folds and writes its own vocabulary slice and
+process 0 publishes the export when all are done (--out must be on a shared file system).
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from meki_jax import fold
+from meki_jax.config import validate
+from meki_jax.export import exporter, memory_store
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'The run\'s config (configs/*.py[:arg]).',
+                                          lock_config=True)
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A step directory or a training workdir.')
+_OUT = flags.DEFINE_string('out', None, 'The export directory to create.')
+_DTYPE = flags.DEFINE_enum('dtype', 'float16', list(memory_store.DTYPES), 'Table dtype.')
+_BACKBONE_DTYPE = flags.DEFINE_enum('backbone_dtype', 'float32', list(memory_store.DTYPES),
+                                    'Backbone (safetensors) dtype.')
+_ROWS_PER_SHARD = flags.DEFINE_integer('rows_per_shard', fold.DEFAULT_CHUNK_ROWS,
+                                       'Vocabulary rows per shard file (and per fold chunk).')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing --out.')
+_PROCESS_INDEX = flags.DEFINE_integer('process_index', 0, 'This process (multi-host export).')
+_PROCESS_COUNT = flags.DEFINE_integer('process_count', 1, 'Processes writing the export.')
+_RUN_ID = flags.DEFINE_string('run_id', None, 'An id shared by the processes of one export.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
+  config = validate(_CONFIG.value)
+  step_dir = exporter.checkpoint_step_dir(_CHECKPOINT.value)
+  if os.path.exists(_OUT.value) and not _OVERWRITE.value:  # before the restore, not after
+    raise FileExistsError(f'{_OUT.value} exists; pass --overwrite to replace it')
+  params, step = exporter.restore_params(config, step_dir)
+  manifest = exporter.export_folded(
+      params, config.model, _OUT.value, dtype=_DTYPE.value, backbone_dtype=_BACKBONE_DTYPE.value,
+      rows_per_shard=_ROWS_PER_SHARD.value, overwrite=_OVERWRITE.value,
+      source={'checkpoint': str(step_dir), 'step': step},
+      vocabulary=exporter.vocabulary_record(config.data, config.model.vocab_size),
+      process_index=_PROCESS_INDEX.value, process_count=_PROCESS_COUNT.value,
+      run_id=_RUN_ID.value)
+  if manifest is not None:
+    memory = manifest['memory']
+    tables = 'no tables (dense model)' if memory is None else (
+        f'tables {memory["shape"]} {memory["dtype"]} in {len(memory["shards"])} shards')
+    print(f'{_OUT.value}: step {step}, {tables}, backbone {manifest["backbone"]["bytes"]:,} B')
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config', 'checkpoint', 'out'])
+  app.run(main)

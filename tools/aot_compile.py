@@ -1,0 +1,41 @@
+"""Compiles the real train step for a TPU topology on this (CPU) host and prints its memory.
+
+  pip install -e ".[tpu]"
+  JAX_PLATFORMS=cpu python tools/aot_compile.py --config configs/meki_1p7b.py --topology v5p-64 \
+      [--config.train.grad_accum_steps=8 ...]
+
+Prints per-device arguments (parameters + optimizer state + batch), temporaries, the total
+against the chip's HBM, and the model TFLOPs per step (the analytic formula of
+meki_jax/train/flops.py; XLA's cost analysis would count the scanned layer once).
+"""
+
+import json
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from meki_jax.train.aot import compile_train_step, parse_topology
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'A config file (configs/*.py[:arg]).',
+                                          lock_config=True)
+_TOPOLOGY = flags.DEFINE_string('topology', 'v5p-64', 'Accelerator type: v5p-8 ... v5p-1024, '
+                                'v5e-N, v6e-N, v4-N.')
+_JSON = flags.DEFINE_bool('json', False, 'Print one JSON object.')
+
+
+def main(argv):
+  del argv
+  result = compile_train_step(_CONFIG.value, parse_topology(_TOPOLOGY.value))
+  if _JSON.value:
+    print(json.dumps(result))
+    return
+  print(f"{result['topology']} ({result['chips']} chips), per device: "
+        f"arguments {result['argument_gib']:.2f} GiB, temporaries {result['temporary_gib']:.2f} "
+        f"GiB, total {result['total_gib']:.2f} of {result['hbm_gib']} GiB HBM -> "
+        f"{'fits' if result['fits'] else 'DOES NOT FIT'}; "
+        f"{result['model_tflops_per_step']:.1f} model TFLOPs per step")
+
+
+if __name__ == '__main__':
+  flags.mark_flag_as_required('config')
+  app.run(main)

@@ -1,10 +1,11 @@
 """Text from a trained checkpoint: restore, fold, decode with a KV cache, print.
 
-  python -m meki_jax.generate --config=configs/quickstart.py --workdir=runs/quickstart \
+  python -m meki_jax.generate --workdir=runs/quickstart \
       --prompt="def parse_args(" [--prompt=...] [--max_new_tokens=64] [--temperature=0.8
       --top_k=50 --top_p=0.95] [--form=training] [--host_memory=tables.npy]
 
 `--checkpoint=runs/quickstart/checkpoints/150` names one step instead of the latest in --workdir.
+The run's config comes from <workdir>/config.json (the trainer writes it); --config overrides.
 The folded (inference) form is the default; `--form=training` decodes the unfolded model, and
 `--host_memory=PATH.npy` writes the folded tables there and decodes with them on the host.
 """
@@ -18,15 +19,15 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from meki_jax import decode, fold, host_memory
+from meki_jax import decode, fold, host_memory, run_config
 from meki_jax.config import validate
 from meki_jax.data.tokenizer import load_tokenizer
 from meki_jax.model.transformer import build_model, meki_enabled
 from meki_jax.sharding import MESH_AXES, axis_rules
 from meki_jax.train import checkpoint, optim, state as state_lib
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'The run\'s config (configs/*.py[:arg]).',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'The run\'s config (configs/*.py[:arg]); '
+                                          'default: <workdir>/config.json.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir; its latest checkpoint.')
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A step directory <workdir>/checkpoints/N.')
 _PROMPT = flags.DEFINE_multi_string('prompt', None, 'Prompt text; repeat for a batch.')
@@ -94,11 +95,11 @@ def inference_model(params, model_config, form, host_memory_path=None, overwrite
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config = validate(_CONFIG.value)
   if not _PROMPT.value:
     raise app.UsageError('pass at least one --prompt')
   sampling = decode.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
   workdir, step = checkpoint_location(_WORKDIR.value, _CHECKPOINT.value)
+  config = validate(_CONFIG.value or run_config.load(workdir))
   params = load_params(config, workdir, step)
   model, params, memory = inference_model(params, config.model, _FORM.value, _HOST_MEMORY.value,
                                           _OVERWRITE.value)
@@ -114,5 +115,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config'])
   app.run(main)

@@ -1,10 +1,11 @@
 """Exports a training checkpoint for inference: folded tables M~ (zarr3) + backbone + manifest.
 
-  python tools/export_memory.py --config=configs/quickstart.py \
-      --checkpoint=runs/quickstart[/checkpoints/120] --out=exports/quickstart [--dtype=float16]
+  python tools/export_memory.py --checkpoint=runs/quickstart[/checkpoints/120] \
+      --out=exports/quickstart [--config=configs/quickstart.py] [--dtype=float16]
       [--backbone_dtype=float32] [--rows_per_shard=8192] [--overwrite]
 
---checkpoint is a step directory or a workdir (its latest step). An existing --out is left
+--checkpoint is a step directory or a workdir (its latest step); the config defaults to the
+workdir's config.json (written by the trainer). An existing --out is left
 untouched unless --overwrite. On several hosts run it once per host with --process_index,
 --process_count and one --run_id; each host folds and writes its own vocabulary slice and
 process 0 publishes the export when all are done (--out must be on a shared file system).
@@ -15,12 +16,12 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from meki_jax import fold
+from meki_jax import fold, run_config
 from meki_jax.config import validate
 from meki_jax.export import exporter, memory_store
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'The run\'s config (configs/*.py[:arg]).',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'The run\'s config (configs/*.py[:arg]); '
+                                          'default: <workdir>/config.json.', lock_config=True)
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A step directory or a training workdir.')
 _OUT = flags.DEFINE_string('out', None, 'The export directory to create.')
 _DTYPE = flags.DEFINE_enum('dtype', 'float16', list(memory_store.DTYPES), 'Table dtype.')
@@ -38,8 +39,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
-  config = validate(_CONFIG.value)
   step_dir = exporter.checkpoint_step_dir(_CHECKPOINT.value)
+  config = validate(_CONFIG.value or run_config.load(step_dir.parent.parent))
   if os.path.exists(_OUT.value) and not _OVERWRITE.value:  # before the restore, not after
     raise FileExistsError(f'{_OUT.value} exists; pass --overwrite to replace it')
   params, step = exporter.restore_params(config, step_dir)
@@ -58,5 +59,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config', 'checkpoint', 'out'])
+  flags.mark_flags_as_required(['checkpoint', 'out'])
   app.run(main)

@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from meki_jax import sharding
+from meki_jax import run_config, sharding
 from meki_jax.config import validate
 from meki_jax.convert.hf_qwen3 import load_hf_qwen3, merge_backbone
 from meki_jax.data.pipeline import make_eval_dataset, make_train_dataset
@@ -90,6 +90,7 @@ def train(config, workdir):
       config.data, global_batch_size=train_config.global_batch_size,
       process_index=jax.process_index(), process_count=jax.process_count(), seed=seed))
   data_iterator = make_data(config.data.shuffle_seed)
+  run_config.save(config, workdir, write=jax.process_index() == 0)
   manager = checkpoint.checkpoint_manager(workdir, train_config)
   state, data_restored = checkpoint.restore(manager, abstract_state, state_shardings,
                                             data_iterator)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from configs import base
+from meki_jax import run_config
 from meki_jax.train.loop import train
 from meki_jax.train.metrics import read_metrics
 
@@ -35,6 +36,7 @@ def test_training_lowers_the_loss(tmp_path):
   losses = [r['loss'] for r in read_metrics(tmp_path) if 'loss' in r]
   assert losses[-1] < losses[0] - 1.0, losses  # from ~11.9 (uniform over 151,680 ids)
   assert os.path.isdir(tmp_path / 'tensorboard')
+  assert run_config.load(str(tmp_path)).model.to_dict() == small_config(30).model.to_dict()
 
 
 def test_resume_reproduces_the_uninterrupted_losses_exactly(tmp_path):

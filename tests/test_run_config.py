@@ -1,0 +1,51 @@
+"""<workdir>/config.json: round trip, refusal of a different model, clear errors."""
+
+import json
+
+import pytest
+
+from configs import quickstart
+from meki_jax import run_config
+from meki_jax.config import validate
+from meki_jax.sharding import axis_rules
+
+
+def test_a_saved_config_loads_back_equal(tmp_path):
+  config = quickstart.get_config()
+  run_config.save(config, str(tmp_path))
+  loaded = validate(run_config.load(str(tmp_path)))
+  assert loaded.model.to_dict() == config.model.to_dict()
+  assert loaded.train.to_dict() == config.train.to_dict()
+  assert axis_rules(loaded.mesh) == axis_rules(config.mesh)
+  assert loaded.data.train_sources[0]['path'] == config.data.train_sources[0]['path']
+
+
+def test_a_different_model_is_refused_and_the_file_kept(tmp_path):
+  run_config.save(quickstart.get_config(), str(tmp_path))
+  before = (tmp_path / 'config.json').read_text()
+  config = quickstart.get_config()
+  config.model.meki.d_mem = 16
+  with pytest.raises(ValueError, match=r'model\.meki\.d_mem: 32 in the workdir, 16 now'):
+    run_config.save(config, str(tmp_path))
+  assert (tmp_path / 'config.json').read_text() == before
+
+
+def test_other_sections_may_change_on_resume(tmp_path):
+  run_config.save(quickstart.get_config(), str(tmp_path))
+  config = quickstart.get_config()
+  config.train.num_steps = 999
+  run_config.save(config, str(tmp_path))
+  assert json.loads((tmp_path / 'config.json').read_text())['train']['num_steps'] == 999
+
+
+def test_only_the_writing_process_writes(tmp_path):
+  run_config.save(quickstart.get_config(), str(tmp_path), write=False)
+  assert not (tmp_path / 'config.json').exists()
+
+
+def test_missing_and_corrupt_files_name_the_path(tmp_path):
+  with pytest.raises(FileNotFoundError, match='config.json does not exist: pass --config'):
+    run_config.load(str(tmp_path))
+  (tmp_path / 'config.json').write_text('{"model": ')
+  with pytest.raises(ValueError, match='config.json is not valid JSON'):
+    run_config.load(str(tmp_path))

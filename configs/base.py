@@ -1,6 +1,6 @@
 """Defaults shared by every config: the backbone constants and the paper's training recipe.
 
-Spec sections 1 and 6. Size files (`meki_1p7b.py`, ...) override the model shape; everything here
+Spec sections 1 and 6; the PLE and Engram baselines of spec Table 2 (off unless enabled). Size files (`meki_1p7b.py`, ...) override the model shape; everything here
 is a number a user may change from the command line (`--config.optim.peak_lr=3e-4`).
 """
 
@@ -11,7 +11,13 @@ QWEN3_EOD_ID = 151_643  # <|endoftext|>
 
 
 def model_config(*, num_layers, d_model, num_heads, num_kv_heads, d_ff, d_mem):
-  """A Qwen3 backbone with the MeKi branch (spec sections 1, 2 and 4)."""
+  """A Qwen3 backbone with the MeKi branch (spec sections 1, 2 and 4).
+
+  The PLE and Engram sections are sized from d_mem to the ROM of spec Table 2: PLE's table
+  [V, L * d_ple] with d_ple = d_mem holds as many values as MeKi's L tables [V, d_mem]; Engram's
+  two layers x 2 orders x 8 heads x 2V rows x d_mem / 2 values hold 8/7 of that at L = 28
+  (0.62B / 0.54B at 0.6B, 1.24B / 1.09B at 1.7B).
+  """
   return ml_collections.ConfigDict(dict(
       vocab_size=QWEN3_VOCAB_SIZE,
       num_layers=num_layers,
@@ -35,6 +41,20 @@ def model_config(*, num_layers, d_model, num_heads, num_kv_heads, d_ff, d_mem):
           position='parallel_ffn',  # parallel_ffn | parallel_attention | after_attention | after_ffn
           projection='swiglu',  # swiglu | linear
       )),
+      ple=ml_collections.ConfigDict(dict(  # per-layer embeddings (Gemma 3n), model/ple.py
+          enabled=False,
+          d_ple=d_mem,
+      )),
+      engram=ml_collections.ConfigDict(dict(  # hashed n-gram memory (DeepSeek), model/engram.py
+          enabled=False,
+          layers=(1, num_layers // 2),  # the layers that get Engram, before their attention
+          ngram_orders=(2, 3),
+          num_heads=8,  # hash heads per order
+          head_width=d_mem // 2,  # values per table row
+          rows_per_head=2 * QWEN3_VOCAB_SIZE,
+          conv_kernel=4,
+          seed=0,  # of the hash multipliers
+      )),
   ))
 
 
@@ -50,8 +70,10 @@ def get_config(arg=None):
       eod_id=QWEN3_EOD_ID,
       # Each source: dict(path=<glob of ArrayRecord token shards>, weight=<mixture weight>).
       # 'embedded:python-stdlib' is the corpus every machine has (the Python standard library).
-      train_sources=[dict(path='embedded:python-stdlib', weight=1.0)],
-      eval_sources=[],  # empty: hold out eval_fraction of train_sources' documents
+      # Tuples, so the command line can replace them:
+      #   --config.data.train_sources='({"path": "shards/*.arrayrecord", "weight": 1.0},)'
+      train_sources=(dict(path='embedded:python-stdlib', weight=1.0),),
+      eval_sources=(),  # empty: hold out eval_fraction of train_sources' documents
       eval_fraction=0.01,
       mask_eod_target=True,  # spec section 6: no loss where the target is end-of-document
       shuffle_seed=0,
@@ -94,6 +116,8 @@ def get_config(arg=None):
           ('heads', 'tensor'),
           ('kv_heads', 'tensor'),
           ('mem', None),
+          ('ple', None),
+          ('engram', None),
           ('head_dim', None),
           ('layers', None),
           ('length', None),

@@ -23,6 +23,15 @@ def _to_plain(value):
   return value
 
 
+def _from_plain(value):
+  """JSON lists -> tuples (configs hold sequences as tuples, the command line can set those)."""
+  if isinstance(value, dict):
+    return {key: _from_plain(item) for key, item in value.items()}
+  if isinstance(value, list):
+    return tuple(_from_plain(item) for item in value)
+  return value
+
+
 def _differences(saved, current, prefix):
   """Dotted names whose values differ between two plain dicts."""
   names = []
@@ -71,4 +80,4 @@ def load(workdir):
       plain = json.load(f)
     except json.JSONDecodeError as error:
       raise ValueError(f'{path} is not valid JSON: {error}') from error
-  return ml_collections.ConfigDict(plain)
+  return ml_collections.ConfigDict(_from_plain(plain))

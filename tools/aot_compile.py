@@ -29,6 +29,9 @@ def main(argv):
   if _JSON.value:
     print(json.dumps(result))
     return
+  if 'error' in result:
+    print(f"{result['topology']} ({result['chips']} chips): DOES NOT FIT: {result['error']}")
+    return
   print(f"{result['topology']} ({result['chips']} chips), per device: "
         f"arguments {result['argument_gib']:.2f} GiB, temporaries {result['temporary_gib']:.2f} "
         f"GiB, total {result['total_gib']:.2f} of {result['hbm_gib']} GiB HBM -> "

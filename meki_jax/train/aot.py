@@ -76,7 +76,11 @@ def topology_devices(topology):
 
 
 def compile_train_step(config, topology):
-  """Compiles the train step for `topology`; returns a dict of memory and FLOPs figures."""
+  """Compiles the train step for `topology`; returns a dict of memory and FLOPs figures.
+
+  When the compiler finds the step cannot fit the chip's HBM it refuses to compile; the result
+  then has fits=False and the compiler's message under 'error' instead of the memory figures.
+  """
   config = validate(config)
   devices = topology_devices(topology)
   mesh = sharding.make_mesh(config.mesh, devices)
@@ -97,19 +101,24 @@ def compile_train_step(config, topology):
                         schedule=schedule, grad_accum_steps=config.train.grad_accum_steps),
       in_shardings=(shardings, batch_sharding),
       out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=0)
+  tokens = shape[0] * shape[1]
+  result = {
+      'topology': topology.name, 'chips': topology.chips, 'hbm_gib': topology.hbm_gib,
+      'model_tflops_per_step': flops.train_flops_per_token(config.model, config.data.seq_len)
+                               * tokens / 1e12,
+  }
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    compiled = step_fn.lower(abstract_state, batch).compile()
+    lowered = step_fn.lower(abstract_state, batch)
+    try:
+      compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as error:  # the TPU compiler refuses what cannot fit
+      if 'RESOURCE_EXHAUSTED' not in str(error):
+        raise
+      return {**result, 'fits': False, 'error': str(error).split('\n')[0]}
   memory = compiled.memory_analysis()
   arguments = memory.argument_size_in_bytes
   temporaries = memory.temp_size_in_bytes
   outputs_not_aliased = memory.output_size_in_bytes - memory.alias_size_in_bytes
   total = arguments + temporaries + outputs_not_aliased + memory.generated_code_size_in_bytes
-  tokens = shape[0] * shape[1]
-  return {
-      'topology': topology.name, 'chips': topology.chips,
-      'argument_gib': arguments / GIB, 'temporary_gib': temporaries / GIB,
-      'total_gib': total / GIB, 'hbm_gib': topology.hbm_gib,
-      'fits': total / GIB <= topology.hbm_gib,
-      'model_tflops_per_step': flops.train_flops_per_token(config.model, config.data.seq_len)
-                               * tokens / 1e12,
-  }
+  return {**result, 'argument_gib': arguments / GIB, 'temporary_gib': temporaries / GIB,
+          'total_gib': total / GIB, 'fits': total / GIB <= topology.hbm_gib}

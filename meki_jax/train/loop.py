@@ -27,18 +27,33 @@ from meki_jax.train.metrics import MetricWriter
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks once per step."""
+  """Whether to save and stop after this step, the same answer on every process.
 
-  def __init__(self):
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+  One process: a SIGTERM handler sets a flag. Several: jax.distributed's preemption service
+  (started by jax.distributed.initialize) catches SIGTERM on any host and orbax's
+  `reached_preemption` makes all processes agree on the step, so no handler of ours is
+  installed (it would replace the service's).
+  """
+
+  def __init__(self, manager):
+    self._manager = manager
+    self._requested = False
+    self._previous = None
+    if jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
-    self.requested = True
+    self._requested = True
+
+  def reached(self, step):
+    if jax.process_count() == 1:
+      return self._requested
+    return self._manager.reached_preemption(step)
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def _global_batch(local_batch, batch_sharding, vocab_size):
@@ -119,7 +134,7 @@ def train(config, workdir):
   flops_per_step = flops.train_flops_per_token(config.model, config.data.seq_len) * tokens_per_step
   peak = flops.peak_tflops(jax.devices()[0].device_kind)
   writer = MetricWriter(workdir)
-  preemption = _Preemption()
+  preemption = _Preemption(manager)
   progress = tqdm(total=train_config.num_steps, initial=start_step, desc='train',
                   disable=not sys.stderr.isatty() or jax.process_index() != 0)
   last, interval_sums, summed_steps = {}, None, 0
@@ -159,8 +174,7 @@ def train(config, workdir):
           writer.write(global_step, {'eval_loss': eval_loss})
           last['eval_loss'] = eval_loss
           _report(progress, global_step, train_config.num_steps, {'eval_loss': eval_loss})
-        preempted = preemption.requested or (jax.process_count() > 1 and
-                                             manager.reached_preemption(global_step))
+        preempted = preemption.reached(global_step)
         if (global_step % train_config.checkpoint_every == 0 or preempted
             or global_step == train_config.num_steps):
           checkpoint.save(manager, global_step, state, data_iterator, force=True)

@@ -5,8 +5,9 @@ so no (input, target) pair ever spans two documents. Documents are concatenated 
 into rows of exactly `seq_len` (grain's ConcatThenSplitIterDataset): `segment_ids` number the
 documents in a row from 1 (0 = padding), `positions` restart at 0 for each document, and a
 document longer than the room left in a row continues in the next row as a new segment that
-starts again at position 0. Nothing is dropped except the unfinished last row of a finite
-(evaluation) stream, which is padded instead.
+starts again at position 0. No token is dropped: the infinite training stream fills every row,
+and the finite evaluation stream pads its unfinished last row and batch (its documented tail).
+Mixture weights (data.train_sources' `weight`) are shares of documents, not of tokens.
 
 Batches are dicts of numpy arrays [per_process_batch, seq_len]:
   inputs, targets (int32), segment_ids, positions (int32), loss_mask (float32).
@@ -17,6 +18,7 @@ is the end-of-document token.
 import grain
 import grain.experimental
 import numpy as np
+from absl import flags
 
 from meki_jax.data.embedded import EMBEDDED_PREFIX, embedded_shards
 from meki_jax.data.shards import decode_record, resolve_shards
@@ -32,21 +34,41 @@ def source_paths(path, tokenizer_name):
   return resolve_shards(path)
 
 
+def _open_shard(path):
+  """One shard's records; fails naming the file if it is not a readable ArrayRecord file."""
+  try:
+    return grain.sources.ArrayRecordDataSource(path)  # reads the footer and the record count
+  except (RuntimeError, OSError, ValueError) as error:  # array_record raises bare RuntimeErrors
+    reason = str(error) or 'no readable footer'
+    raise ValueError(f'token shard {path} is not a readable ArrayRecord file ({reason}): '
+                     'truncated or corrupt? rewrite it with tools/preprocess.py') from error
+
+
 class _Documents(grain.sources.RandomAccessDataSource):
-  """Random access to the documents of some shards, optionally only those at `indices`."""
+  """Random access to the documents of some shards, optionally only those at `indices`.
+
+  Each shard is opened on its own, so an unreadable file or record is named in the error.
+  """
 
   def __init__(self, paths, indices=None):
     self._paths = list(paths)
-    self._source = grain.sources.ArrayRecordDataSource(self._paths)
+    self._shards = [_open_shard(path) for path in self._paths]
+    self._starts = np.cumsum([0] + [len(shard) for shard in self._shards])  # [shards + 1]
     self._indices = indices
 
   def __len__(self):
-    return len(self._source) if self._indices is None else len(self._indices)
+    return int(self._starts[-1]) if self._indices is None else len(self._indices)
 
   def __getitem__(self, index):
-    record_index = index if self._indices is None else int(self._indices[index])
-    return decode_record(self._source[record_index],
-                         where=f'document {record_index} of {self._paths}')
+    document = index if self._indices is None else int(self._indices[index])
+    shard = int(np.searchsorted(self._starts, document, side='right')) - 1
+    record = document - int(self._starts[shard])
+    where = f'record {record} of token shard {self._paths[shard]}'
+    try:
+      data = self._shards[shard][record]
+    except (RuntimeError, OSError) as error:  # e.g. a checksum mismatch in a damaged file
+      raise ValueError(f'cannot read {where}: {error}') from error
+    return decode_record(data, where=where)
 
   def __repr__(self):
     return f'_Documents({self._paths}, {len(self)} documents)'
@@ -60,14 +82,10 @@ def split_indices(num_documents, eval_fraction):
 
 def _open_source(source, data_config, split):
   paths = source_paths(source['path'], data_config.tokenizer)
-  try:
-    documents = _Documents(paths)
-    num_documents = len(documents)
-  except Exception as error:  # array_record raises bare RuntimeErrors on corrupt files
-    raise ValueError(f'cannot read token shards {paths}: {error}') from error
+  documents = _Documents(paths)
   if split is None:
     return documents
-  train, held_out = split_indices(num_documents, data_config.eval_fraction)
+  train, held_out = split_indices(len(documents), data_config.eval_fraction)
   return _Documents(paths, train if split == 'train' else held_out)
 
 
@@ -136,6 +154,8 @@ def make_train_dataset(data_config, *, global_batch_size, process_index=0, proce
   batch_size = _per_process_batch(global_batch_size, process_count)
   batches = _pack_and_batch(mine, data_config, batch_size, drop_remainder=True)
   if data_config.num_workers > 0:
+    if not flags.FLAGS.is_parsed():  # grain's workers read an absl flag (google/grain#1355)
+      flags.FLAGS.mark_as_parsed()
     batches = batches.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=data_config.num_workers, per_worker_buffer_size=data_config.prefetch_buffer))
   return batches

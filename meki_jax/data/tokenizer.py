@@ -87,6 +87,7 @@ def _qwen3():
 def _hugging_face(path):
   import tokenizers
   tokenizer = tokenizers.Tokenizer.from_file(str(path))
+  tokenizer.encode_special_tokens = True  # a text's '<|endoftext|>' is text, as in the qwen3 path
   eod_id = tokenizer.token_to_id(EOD_TOKEN)
   if eod_id is None:
     raise ValueError(f'{path} has no {EOD_TOKEN} token; meki-jax marks document ends with it')

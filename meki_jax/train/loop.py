@@ -82,7 +82,11 @@ def evaluate(params, config, eval_fn, batch_sharding):
     batch = _global_batch(local_batch, batch_sharding, config.model.vocab_size)
     batch_loss, batch_count = eval_fn(params, batch)
     loss_sum, count = loss_sum + float(batch_loss), count + float(batch_count)
-  return loss_sum / max(count, 1.0)
+  if count == 0:
+    raise ValueError('the evaluation data has no loss tokens: set data.eval_sources, or a '
+                     f'data.eval_fraction (now {config.data.eval_fraction}) that holds out '
+                     'some documents of data.train_sources')
+  return loss_sum / count
 
 
 def train(config, workdir):

@@ -1,5 +1,6 @@
 """Validation of a run's ConfigDict: every error names the field and its value."""
 
+from meki_jax.model.engram import hash_moduli
 from meki_jax.model.meki import FUSIONS, MEMORIES, POSITIONS, PROJECTIONS
 from meki_jax.model.transformer import REMAT_POLICIES
 
@@ -22,6 +23,45 @@ def _positive(section, name, value):
 
 def _choice(section, name, value, choices):
   _require(value in choices, f'{section}.{name}={value!r} is not one of {tuple(choices)}')
+
+
+def _validate_ple(model):
+  ple = model.ple
+  _require(isinstance(ple.enabled, bool), f'model.ple.enabled={ple.enabled!r} must be a bool')
+  if ple.enabled:
+    _positive('model.ple', 'd_ple', ple.d_ple)
+
+
+def _distinct_ints(section, name, values, low, high=None):
+  """A non-empty sequence of distinct integers >= low (and < high when given)."""
+  in_range = lambda v: (isinstance(v, int) and not isinstance(v, bool) and v >= low and
+                        (high is None or v < high))
+  _require(isinstance(values, (list, tuple)) and len(values) > 0 and all(map(in_range, values))
+           and len(set(values)) == len(values),
+           f'{section}.{name}={values!r} must be a non-empty list of distinct integers >= {low}'
+           + ('' if high is None else f' and < {high}'))
+
+
+def _validate_engram(model):
+  engram = model.engram
+  _require(isinstance(engram.enabled, bool),
+           f'model.engram.enabled={engram.enabled!r} must be a bool')
+  if not engram.enabled:
+    return
+  _distinct_ints('model.engram', 'layers', engram.layers, 0, model.num_layers)
+  _distinct_ints('model.engram', 'ngram_orders', engram.ngram_orders, 2)
+  for name in ('num_heads', 'head_width', 'rows_per_head', 'conv_kernel'):
+    _positive('model.engram', name, engram[name])
+  _require(isinstance(engram.seed, int) and engram.seed >= 0,
+           f'model.engram.seed={engram.seed!r} must be an integer >= 0')
+  heads = len(engram.ngram_orders) * engram.num_heads
+  _require(heads * engram.rows_per_head < 2 ** 31,
+           f'model.engram.rows_per_head={engram.rows_per_head} x {heads} heads (ngram_orders x '
+           'num_heads) rows do not fit int32 row ids')
+  try:
+    hash_moduli(engram)
+  except ValueError as error:
+    raise ConfigError(str(error)) from error
 
 
 def validate_model(model):
@@ -48,6 +88,10 @@ def validate_model(model):
   _choice('model.meki', 'projection', meki.projection, PROJECTIONS)
   _require(meki.projection == 'linear' or meki.memory == 'static' or model.d_model % 2 == 0,
            f'model.d_model={model.d_model} must be even for the SwiGLU projection (d -> d/2)')
+  if 'ple' in model:
+    _validate_ple(model)
+  if 'engram' in model:
+    _validate_engram(model)
   return model
 
 
@@ -59,6 +103,10 @@ def validate(config):
     _require(0 <= config.data.eod_id < config.model.vocab_size,
              f'data.eod_id={config.data.eod_id} is outside the vocabulary '
              f'[0, model.vocab_size={config.model.vocab_size})')
+    _require(0 <= config.data.eval_fraction < 1,
+             f'data.eval_fraction={config.data.eval_fraction} must lie in [0, 1)')
+    _require(config.data.eval_sources or config.data.eval_fraction > 0,
+             'data.eval_sources is empty and data.eval_fraction=0: no data to evaluate on')
   if 'train' in config:
     train = config.train
     for name in ('num_steps', 'global_batch_size', 'grad_accum_steps', 'log_every',

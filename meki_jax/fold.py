@@ -4,7 +4,9 @@ For every layer l and every vocabulary row at once,
     M~_l = alpha_l * RMSNorm_mix(M_l + beta_l * G_l(E_global))          [vocab, d_mem]
 computed in vocabulary chunks so peak memory is one chunk of G's activations, not V of them.
 The folded tree drops `layers/meki/memory` (M, G, alpha, beta, mix_norm) and adds
-`layers/meki/folded_memory` [num_layers, vocab, d_mem]; everything else is unchanged.
+`layers/meki/folded_memory` [num_layers, vocab, d_mem]; everything else is unchanged, including
+the PLE and Engram baselines' parameters, which pass through as they are: their tables are
+already token-indexed and their projections stay in the inference model.
 """
 
 import functools

@@ -1,6 +1,7 @@
-"""Shape-only parameter accounting: RAM (inference, after the fold), ROM (folded tables) and
-training-only parameters (those the fold removes). Nothing is allocated: shapes come from
-`jax.eval_shape` of the model's init."""
+"""Shape-only parameter accounting: RAM (inference, after the fold), ROM (token-indexed tables
+read by row: MeKi's folded tables, the PLE table, Engram's n-gram tables) and training-only
+parameters (those the fold removes). Nothing is allocated: shapes come from `jax.eval_shape` of
+the model's init."""
 
 import math
 
@@ -9,6 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from meki_jax.model.transformer import build_model
+
+ROM_TABLES = ('folded_memory', 'per_layer_table', 'ngram_table')  # parameter names
 
 
 def abstract_params(model_config, folded=False):
@@ -19,15 +22,20 @@ def abstract_params(model_config, folded=False):
   return nn.meta.unbox(variables['params'])
 
 
-def _size(tree):
-  return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree))
+def _sizes(tree):
+  """{path (a tuple of names): number of values} of every leaf."""
+  return {tuple(key.key for key in path): math.prod(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def count_params(model_config):
-  """{'ram_params', 'rom_params', 'train_params' (training-only), 'train_total_params'}."""
-  train_total = _size(abstract_params(model_config, folded=False))
-  folded = abstract_params(model_config, folded=True)
-  rom = _size(folded['layers'].get('meki', {}).get('folded_memory', ()))
-  ram = _size(folded) - rom
-  return dict(ram_params=ram, rom_params=rom, train_params=train_total - ram,
-              train_total_params=train_total)
+  """{'ram_params', 'rom_params', 'train_params' (training-only), 'train_total_params'}.
+
+  train_total = ram + train_params + the ROM tables trained as they are (PLE, Engram).
+  """
+  train = _sizes(abstract_params(model_config, folded=False))
+  folded = _sizes(abstract_params(model_config, folded=True))
+  rom = sum(size for path, size in folded.items() if path[-1] in ROM_TABLES)
+  return dict(ram_params=sum(folded.values()) - rom, rom_params=rom,
+              train_params=sum(size for path, size in train.items() if path not in folded),
+              train_total_params=sum(train.values()))

@@ -12,9 +12,11 @@ import jax.experimental.mesh_utils
 import numpy as np
 from jax.sharding import Mesh
 
-# The whole logical vocabulary. Parameters use the first eight; activations use batch and length.
-LOGICAL_AXES = ('vocab', 'embed', 'mlp', 'heads', 'kv_heads', 'head_dim', 'mem', 'layers',
-                'batch', 'length')
+# The whole logical vocabulary. Parameters use the first ten ('ple' and 'engram' are the widths
+# of the PLE and Engram baselines' tables, whose rows are 'vocab'); activations use batch and
+# length.
+LOGICAL_AXES = ('vocab', 'embed', 'mlp', 'heads', 'kv_heads', 'head_dim', 'mem', 'ple', 'engram',
+                'layers', 'batch', 'length')
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 

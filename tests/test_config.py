@@ -43,6 +43,35 @@ def test_nonsense_fails_naming_the_field(field, value, message):
     validate(config)
 
 
+@pytest.mark.parametrize('section, field, value, message', [
+    ('ple', 'd_ple', 0, 'model.ple.d_ple=0 must be a positive integer'),
+    ('engram', 'layers', (1, 28), r'model.engram.layers=\(1, 28\) must be a non-empty list'),
+    ('engram', 'layers', (), r'model.engram.layers=\(\)'),
+    ('engram', 'ngram_orders', (1, 2), r'model.engram.ngram_orders=\(1, 2\)'),
+    ('engram', 'num_heads', 0, 'model.engram.num_heads=0'),
+    ('engram', 'rows_per_head', 7, 'model.engram.rows_per_head=7 has 4 primes'),
+    ('engram', 'rows_per_head', 2 ** 28, 'do not fit int32 row ids'),
+])
+def test_enabled_baselines_fail_naming_the_field(section, field, value, message):
+  config = importlib.import_module(f'configs.{section}_0p6b').get_config()
+  config.model[section][field] = value
+  with pytest.raises(ConfigError, match=message):
+    validate(config)
+
+
+def test_repro_variants_differ_only_in_the_storage_method():
+  from configs import repro
+  switches = {variant: (lambda m: (m.meki.enabled, m.meki.memory, m.ple.enabled,
+                                   m.engram.enabled))(repro.get_config(variant).model)
+              for variant in repro.VARIANTS}
+  assert switches == {'dense': (False, 'both', False, False), 'meki': (True, 'both', False, False),
+                      'static': (True, 'static', False, False),
+                      'dynamic': (True, 'dynamic', False, False),
+                      'ple': (False, 'both', True, False), 'engram': (False, 'both', False, True)}
+  with pytest.raises(ValueError, match="configs/repro.py:moe"):
+    repro.get_config('moe')
+
+
 def test_variant_argument_sets_meki_fields_and_rejects_unknown_keys():
   from configs import meki_0p6b
   meki = meki_0p6b.get_config('memory=static,d_mem=96').model.meki

@@ -1,4 +1,5 @@
-"""Prints a config's RAM parameters after the fold, ROM weights and training-only parameters.
+"""Prints a config's RAM parameters after the fold, ROM weights (MeKi's folded tables, the PLE
+table, Engram's n-gram tables) and training-only parameters.
 
   python tools/count_params.py --config configs/meki_1p7b.py [--json]
 """
@@ -23,7 +24,7 @@ def main(argv):
     print(json.dumps(counts))
     return
   rows = [('RAM (inference, after the fold)', counts['ram_params']),
-          ('ROM (folded memory tables)', counts['rom_params']),
+          ('ROM (token-indexed tables)', counts['rom_params']),
           ('training-only (removed by the fold)', counts['train_params']),
           ('training total', counts['train_total_params'])]
   for label, value in rows:

@@ -28,9 +28,14 @@ class RMSNorm(nn.Module):
   def __call__(self, x):
     scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, (self.axis,)),
                        (x.shape[-1],), self.param_dtype)
-    x = x.astype(jnp.float32)
-    normed = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
-    return (normed * scale.astype(jnp.float32)).astype(self.dtype)
+    return rms_norm(x, scale, self.eps, self.dtype)
+
+
+def rms_norm(x, scale, eps, dtype):
+  """RMSNorm as a function of its scale: x [..., features], scale [features] -> x's shape."""
+  x = x.astype(jnp.float32)
+  normed = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+  return (normed * scale.astype(jnp.float32)).astype(dtype)
 
 
 class Dense(nn.Module):

@@ -1,4 +1,5 @@
-"""The Qwen3 decoder with a MeKi branch in every layer (spec sections 1 and 2, equations 7-8).
+"""The Qwen3 decoder with a MeKi branch in every layer (spec sections 1 and 2, equations 7-8),
+or one of the storage baselines of spec Table 2 (PLE, Engram; `ple.py`, `engram.py`).
 
 `Transformer` (training, evaluation, the fold) runs its layers under `nn.scan`, so every layer
 parameter has a leading 'layers' axis: params['layers']['mlp']['gate']['kernel'] is
@@ -16,8 +17,10 @@ import ml_collections
 import numpy as np
 
 from meki_jax.model.attention import Attention
+from meki_jax.model.engram import EngramMemory, add_engram, engram_enabled, engram_slots
 from meki_jax.model.layers import RMSNorm, SwiGLU, lookup_rows, normal_init
 from meki_jax.model.meki import MekiBranch
+from meki_jax.model.ple import PerLayerBranch, PerLayerInputs, ple_enabled
 
 REMAT_POLICIES = {  # config.model.remat_policy -> what the backward pass keeps
     'none': None,  # no remat: keep every activation
@@ -36,13 +39,16 @@ class DecoderLayer(nn.Module):
   `cache` is this layer's KV cache (see attention.py) or None (training: returns None for it).
   `memory_rows` (folded form) is [batch, seq, d_mem] or a function hidden -> those rows, called
   where the MeKi branch needs them so that a host fetch overlaps with everything before.
+  `ple_input` ([batch, seq, d_ple], this layer's PLE input) adds the PLE branch after the FFN;
+  `engram` (EngramMemory's output, with this layer's `engram_slot`, -1 for none) adds Engram
+  before the attention.
   """
   config: object
   folded: bool = False
 
   @nn.compact
   def __call__(self, x, token_ids, embed_rows, positions, segment_ids, memory_rows=None,
-               cache=None):
+               cache=None, ple_input=None, engram_slot=None, engram=None):
     cfg = self.config
     dtypes = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
     norm = lambda name: RMSNorm(axis='embed', eps=cfg.norm_eps, name=name, **dtypes)
@@ -52,6 +58,8 @@ class DecoderLayer(nn.Module):
       rows = memory_rows(hidden) if callable(memory_rows) else memory_rows
       return MekiBranch(cfg, self.folded, name='meki')(hidden, token_ids, embed_rows, rows)
 
+    if engram is not None:
+      x = add_engram(x, engram_slot, engram, segment_ids, cfg)
     attn_in = norm('pre_attn_norm')(x)
     attn = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta, cfg.qk_norm,
                      cfg.norm_eps, cfg.init_std, name='attn', **dtypes)(attn_in, positions,
@@ -72,6 +80,8 @@ class DecoderLayer(nn.Module):
       x = x + meki(ffn_in)  # (8): H' = FFN(H) + MeKi(H) + A
     elif meki_position == 'after_ffn':
       x = x + meki(norm('pre_meki_norm')(x))
+    if ple_input is not None:
+      x = x + PerLayerBranch(cfg, name='ple')(x, ple_input)
     return nn.with_logical_constraint(x, ('batch', 'length', 'embed')), cache
 
 
@@ -114,16 +124,23 @@ class Transformer(nn.Module):
 
     embed = _embedding(cfg)
     embed_rows = _embed_rows(cfg, embed, token_ids)
+    ple_inputs = engram = slots = None
+    if ple_enabled(cfg):
+      ple_inputs = PerLayerInputs(cfg, name='ple')(token_ids, embed_rows)  # [L, b, s, d_ple]
+    if engram_enabled(cfg):
+      engram, slots = EngramMemory(cfg, name='engram')(token_ids, segment_ids), engram_slots(cfg)
 
     layer = DecoderLayer
     if REMAT_POLICIES[cfg.remat_policy] is not None:
       layer = nn.remat(layer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
     layers = nn.scan(
         layer, variable_axes={'params': 0}, split_rngs={'params': True},
-        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0, 0,
+                 nn.broadcast),
         length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})
     x, _ = layers(cfg, self.folded, name='layers')(
-        embed_rows, token_ids, embed_rows, positions, segment_ids, memory_rows)
+        embed_rows, token_ids, embed_rows, positions, segment_ids, memory_rows, None, ple_inputs,
+        slots, engram)
     logits = _logits(cfg, embed, x)  # [batch, seq, vocab]
     return nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
 
@@ -165,7 +182,15 @@ class DecodeTransformer(nn.Module):
 
 
 def build_model(model_config, folded=False, decode=False):
-  """The Transformer (or with `decode`, the DecodeTransformer) for a `config.model`."""
+  """The Transformer (or with `decode`, the DecodeTransformer) for a `config.model`.
+
+  Raises ValueError for a decode model with PLE or Engram: the KV-cache path has neither.
+  """
+  if decode and (ple_enabled(model_config) or engram_enabled(model_config)):
+    raise ValueError('the decode model (KV cache) supports neither PLE nor Engram: '
+                     f'model.ple.enabled={ple_enabled(model_config)}, '
+                     f'model.engram.enabled={engram_enabled(model_config)}; evaluate these '
+                     'baselines with the Transformer (build_model(..., decode=False))')
   module = DecodeTransformer if decode else Transformer
   return module(ml_collections.FrozenConfigDict(model_config), folded=folded)
 

@@ -1,0 +1,15 @@
+"""lm-eval's command line with the model 'meki_jax' registered (spec section 7's ten tasks):
+
+  TASKS=arc_easy,arc_challenge,boolq,copa,hellaswag,lambada_openai,openbookqa,piqa,sciq,winogrande
+  python -m meki_jax.eval --model meki_jax --batch_size 8 --tasks $TASKS \
+      --model_args workdir=runs/quickstart,config=configs/quickstart.py
+
+Every other flag is lm-eval's own (`--limit`, `--output_path`, `--include_path`, ...).
+"""
+
+from lm_eval.__main__ import cli_evaluate
+
+from meki_jax.eval import lm_eval_adapter  # noqa: F401  (registers 'meki_jax')
+
+if __name__ == '__main__':
+  cli_evaluate()

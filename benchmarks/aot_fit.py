@@ -7,8 +7,8 @@ For every config it compiles the real train step ahead of time (meki_jax/train/a
 v5p-8, v5p-16, ... and stops at the first slice whose per-device total fits the chip's 95 GiB
 HBM. Gradient accumulation keeps one 4096-token sequence per chip per micro-batch
 (grad_accum_steps = 256 / chips), so every slice sees the same 256 x 4096 optimizer step; on
-each slice the 'mlp' remat policy (keeps attention probabilities: 2-6 GiB per layer at 4096
-tokens) is tried first, then 'full' (keeps only each layer's input).
+each slice the 'mlp' remat policy (keeps the attention scores: 1-2 GiB per layer and sequence
+at 4096 tokens in fp32) is tried first, then 'full' (keeps only each layer's input).
 Prints a markdown table (the README's) and, with --json, one JSON line per compile.
 """
 

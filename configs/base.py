@@ -1,7 +1,8 @@
 """Defaults shared by every config: the backbone constants and the paper's training recipe.
 
-Spec sections 1 and 6; the PLE and Engram baselines of spec Table 2 (off unless enabled). Size files (`meki_1p7b.py`, ...) override the model shape; everything here
-is a number a user may change from the command line (`--config.optim.peak_lr=3e-4`).
+Spec sections 1 and 6, and the PLE and Engram baselines of spec Table 2 (off unless enabled).
+Size files (`meki_1p7b.py`, ...) override the model shape; everything here is a number a user
+may change from the command line (`--config.optim.peak_lr=3e-4`).
 """
 
 import ml_collections

@@ -1,0 +1,69 @@
+"""The small-scale reproduction: dense vs MeKi vs PLE vs Engram vs MeKi's ablations, on CPU.
+
+  python tools/reproduce.py --out=runs/repro [--variants=dense,meki,...] [--steps=N] [--eval_every=50]
+
+Trains every variant of configs/repro.py (same backbone, same data order, same number of
+tokens) in its own process into <out>/<variant>, then prints a markdown table (parameters, final
+validation loss, difference to dense, minutes) and plots the validation-loss curves to
+<out>/eval_loss.png. A variant whose workdir already holds a finished run is not retrained, so an
+interrupted reproduction continues where it stopped.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+from configs import repro
+from meki_jax.param_count import count_params
+from meki_jax.train.metrics import read_metrics
+
+
+def train_variant(variant, workdir, steps, eval_every):
+  """Runs the trainer for one variant; returns the wall-clock minutes (0 if already done)."""
+  if os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
+    if any(r.get('step') == steps and 'eval_loss' in r for r in read_metrics(workdir)):
+      return 0.0
+  start = time.perf_counter()
+  subprocess.run([sys.executable, '-m', 'meki_jax.train', f'--config=configs/repro.py:{variant}',
+                  f'--workdir={workdir}', f'--config.train.num_steps={steps}',
+                  f'--config.train.eval_every={eval_every}'], check=True)
+  return (time.perf_counter() - start) / 60
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--out', default='runs/repro')
+  parser.add_argument('--variants', default=','.join(repro.VARIANTS))
+  parser.add_argument('--steps', type=int, default=repro.get_config().train.num_steps)
+  parser.add_argument('--eval_every', type=int, default=50)
+  args = parser.parse_args()
+  variants = args.variants.split(',')
+  rows, finals = [], {}
+  for variant in variants:
+    workdir = os.path.join(args.out, variant)
+    minutes = train_variant(variant, workdir, args.steps, args.eval_every)
+    config = repro.get_config(variant)
+    counts = count_params(config.model)
+    evals = {r['step']: r['eval_loss'] for r in read_metrics(workdir) if 'eval_loss' in r}
+    finals[variant] = evals[max(evals)]
+    rows.append((variant, counts, evals, minutes))
+  tokens = args.steps * config.train.global_batch_size * config.data.seq_len
+  print(f'\n{args.steps} steps x {config.train.global_batch_size} x {config.data.seq_len} = '
+        f'{tokens:,} training tokens per run')
+  print('| variant | RAM | ROM | training total | eval loss (first -> last) | vs dense | minutes |')
+  print('|---|---|---|---|---|---|---|')
+  for variant, counts, evals, minutes in rows:
+    delta = (f"{finals[variant] - finals['dense']:+.4f}" if 'dense' in finals else '')
+    print(f"| {variant} | {counts['ram_params'] / 1e6:.2f}M | {counts['rom_params'] / 1e6:.2f}M "
+          f"| {counts['train_total_params'] / 1e6:.2f}M | {evals[min(evals)]:.4f} -> "
+          f"{finals[variant]:.4f} | {delta} | {minutes:.1f} |")
+  subprocess.run([sys.executable, 'tools/plot_curves.py',
+                  *[f'{v}={os.path.join(args.out, v)}' for v in variants],
+                  '--out', os.path.join(args.out, 'eval_loss.png'),
+                  '--title', f'validation loss, {tokens:,} tokens per run'], check=True)
+
+
+if __name__ == '__main__':
+  main()

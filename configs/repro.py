@@ -9,7 +9,7 @@
   engram   DeepSeek's hashed n-gram memory at layers 1 and 2 (spec Table 2)
 The quick start's backbone (4 layers, d_model 96, real Qwen3 vocabulary) and corpus, trained
 longer. ROM: MeKi, static and PLE hold 4 x V x 32 = 19.4M values; Engram 2 layers x 2 orders x
-8 heads x V/8 rows x 16 = the same 19.4M (at full scale it holds 8/7 of MeKi's, spec Table 2).
+8 heads x V/4 rows x 16 = the same 19.4M (at full scale it holds 8/7 of MeKi's, spec Table 2).
 Compare the final eval_loss in each workdir's metrics.jsonl.
 """
 
@@ -29,7 +29,7 @@ def get_config(arg=None):
     model.meki.memory = variant
   model.ple.enabled = variant == 'ple'
   model.engram.enabled = variant == 'engram'
-  model.engram.rows_per_head = base.QWEN3_VOCAB_SIZE // 8
+  model.engram.rows_per_head = base.QWEN3_VOCAB_SIZE // 4
   config.train.num_steps = 400
   config.train.eval_every = 100
   config.train.eval_batches = 8

@@ -123,6 +123,10 @@ def export_folded(params, model_config, out, *, dtype='float16', backbone_dtype=
   process_index; process 0 returns after the last one has written its slice.
   Returns the manifest (process 0) or None.
   """
+  for baseline in ('ple', 'engram'):
+    if baseline in model_config and model_config[baseline].enabled:
+      raise ValueError(f'model.{baseline}.enabled: the device graph (export/torch_model.py) has '
+                       f'no {baseline} branch, so this model cannot be exported')
   if dtype not in memory_store.DTYPES:
     raise ValueError(f'dtype={dtype!r} is not one of {tuple(memory_store.DTYPES)}')
   if process_count > 1 and not run_id:

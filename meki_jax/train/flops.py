@@ -14,6 +14,10 @@ Forward FLOPs per token:
                            + 2 * d * m + 2 * m * d       W_gate and W_out
                            = 2 d^2 + 5 d m for SwiGLU: twice the spec's "d^2 + (5/2) d m"
                              multiply-adds; the folded model keeps only the 4 d m of W_gate/W_out.
+  PLE (p = d_ple)            2 * d * L * p   (the embedding's projection to every layer's input)
+                           + L * 4 * d * p   (each layer's gate d -> p and up-projection p -> d)
+  Engram, per Engram layer   4 * E * d + 2 * d + 2 * k * d   (key and value E -> d with
+                               E = orders * heads * head_width, the gate's dot, the k-tap conv)
 """
 
 from meki_jax.model.transformer import meki_enabled
@@ -35,13 +39,27 @@ def meki_forward_flops_per_token(model_config):
   return model_config.num_layers * (projection + 4 * d * m)
 
 
+def baseline_forward_flops_per_token(model_config):
+  """The PLE and Engram baselines' forward FLOPs per token (0 when they are off)."""
+  cfg, total = model_config, 0
+  d = cfg.d_model
+  if 'ple' in cfg and cfg.ple.enabled:
+    total += 2 * d * cfg.num_layers * cfg.ple.d_ple + cfg.num_layers * 4 * d * cfg.ple.d_ple
+  if 'engram' in cfg and cfg.engram.enabled:
+    engram = cfg.engram
+    width = len(engram.ngram_orders) * engram.num_heads * engram.head_width
+    total += len(engram.layers) * (4 * width * d + 2 * d + 2 * engram.conv_kernel * d)
+  return total
+
+
 def forward_flops_per_token(model_config, seq_len):
   cfg = model_config
   d, heads, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   dense = 2 * (d * heads * hd + 2 * d * kv * hd + heads * hd * d + 3 * d * cfg.d_ff)
   attention = 4 * seq_len * heads * hd
   logits = 2 * d * cfg.vocab_size
-  return cfg.num_layers * (dense + attention) + logits + meki_forward_flops_per_token(cfg)
+  return (cfg.num_layers * (dense + attention) + logits + meki_forward_flops_per_token(cfg)
+          + baseline_forward_flops_per_token(cfg))
 
 
 def train_flops_per_token(model_config, seq_len):

@@ -98,3 +98,12 @@ def test_two_processes_export_one_directory_concurrently(trained_run, tmp_path):
   split = json.loads((tmp_path / 'split' / memory_store.MANIFEST).read_text())
   assert split['memory'] == whole['memory'] and split['source']['step'] == step
   memory_store.open_export(tmp_path / 'split')
+
+
+@pytest.mark.parametrize('baseline', ['ple', 'engram'])
+def test_baselines_without_a_device_branch_are_refused(tiny_model_config, tmp_path, baseline):
+  config = tiny_model_config()
+  config[baseline].enabled = True
+  with pytest.raises(ValueError, match=f'model.{baseline}.enabled: the device graph'):
+    exporter.export_folded(None, config, str(tmp_path / 'out'))
+  assert not (tmp_path / 'out').exists()

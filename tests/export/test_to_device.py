@@ -134,6 +134,25 @@ def test_executorch_program_matches_jax(exported, tmp_path):
   prefill, decode_method = to_device.executorch_runners(out / to_device.PTE)
   assert_matches(reference, *greedy(to_device.Session(model.config, memory, prefill,
                                                       decode_method, CACHE_LEN)))
+  assert run_device(directory, out, 'pte') == reference['tokens']
+
+
+def run_device(directory, device_dir, runtime):
+  """The greedy ids tools/run_device.py prints for PROMPT."""
+  result = subprocess.run(
+      [sys.executable, 'tools/run_device.py', f'--memory={directory}', f'--device={device_dir}',
+       f'--runtime={runtime}', f'--token_ids={",".join(map(str, PROMPT))}',
+       f'--max_new_tokens={STEPS}'], capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  ids_line = next(line for line in result.stdout.splitlines() if line.startswith('ids: '))
+  return [int(token) for token in ids_line[len('ids: '):].split(',')]
+
+
+def test_the_run_tool_generates_the_reference_tokens(exported, tmp_path):
+  directory, reference = exported
+  to_device.write_device_export(directory, tmp_path / 'device', cache_len=CACHE_LEN,
+                                executorch=False)
+  assert run_device(directory, tmp_path / 'device', 'pt2') == reference['tokens']
 
 
 def test_an_existing_device_export_is_kept_without_overwrite(exported, tmp_path):

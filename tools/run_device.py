@@ -1,0 +1,93 @@
+"""Runs the exported on-device programs: greedy text from a prompt, the way an app would.
+
+  python tools/run_device.py --memory=exports/quickstart --device=exports/quickstart-device \
+      --prompt="def parse_args(" [--runtime=pte|pt2] [--max_new_tokens=32]
+  python tools/run_device.py ... --token_ids=9707,1879     # ids instead of text
+
+--memory is export_memory.py's directory (manifest, backbone, memory.zarr), --device is
+export_torch.py's (prefill.pt2, decode.pt2, model.pte, device.json). The tables are read by token
+id from memory.zarr before each call and fed to the program as its `memory_rows` input. Prints the
+generated token ids and, with the manifest's tokenizer, the text. Imports torch, tensorstore and
+(for --runtime=pte) executorch; not jax.
+"""
+
+import argparse
+import json
+import pathlib
+
+import torch
+
+from meki_jax.export import to_device
+
+
+def runners(device_dir, runtime):
+  """(prefill, decode) callables of the device export, under torch.export or ExecuTorch."""
+  if runtime == 'pte':
+    return to_device.executorch_runners(device_dir / to_device.PTE)
+  return tuple(to_device.load_program(device_dir / f'{name}.pt2').module()
+               for name in to_device.PROGRAMS)
+
+
+def generate(session, prompt_ids, max_new_tokens, eod_id):
+  """Greedy continuation of prompt_ids (a list) until eod_id or max_new_tokens; a list of ids."""
+  prompt = torch.tensor([prompt_ids])
+  if len(prompt_ids) >= to_device.MIN_PREFILL:
+    logits = session.prefill(prompt)[:, -1]
+  else:
+    logits = session.decode(prompt[:, 0])
+  new_ids = []
+  while len(new_ids) < max_new_tokens:
+    token = int(logits[0].argmax())
+    if token == eod_id:
+      break
+    new_ids.append(token)
+    if len(new_ids) < max_new_tokens:
+      logits = session.decode(torch.tensor([token]))
+  return new_ids
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--memory', required=True, help="export_memory.py's directory")
+  parser.add_argument('--device', required=True, help="export_torch.py's directory")
+  parser.add_argument('--prompt', help='prompt text (tokenised with the manifest\'s tokenizer)')
+  parser.add_argument('--token_ids', help='comma-separated prompt ids, instead of --prompt')
+  parser.add_argument('--runtime', choices=('pte', 'pt2'), default='pte')
+  parser.add_argument('--max_new_tokens', type=int, default=32)
+  args = parser.parse_args()
+  if (args.prompt is None) == (args.token_ids is None):
+    parser.error('pass exactly one of --prompt and --token_ids')
+
+  model, memory, manifest = to_device.load_export(args.memory)
+  device_dir = pathlib.Path(args.device)
+  device = json.loads((device_dir / to_device.DEVICE_MANIFEST).read_text())
+  vocabulary = manifest.get('vocabulary') or {}
+  tokenizer = None
+  if vocabulary.get('tokenizer'):
+    from meki_jax.data.tokenizer import load_tokenizer
+    tokenizer = load_tokenizer(vocabulary['tokenizer'])
+  if args.prompt is not None:
+    if tokenizer is None:
+      parser.error(f'{args.memory}/manifest.json names no tokenizer: pass --token_ids')
+    prompt_ids = tokenizer.encode(args.prompt)
+  else:
+    prompt_ids = [int(token) for token in args.token_ids.split(',')]
+  if not prompt_ids:
+    parser.error('the prompt is empty')
+  vocab_size = manifest['model_config']['vocab_size']
+  if not all(0 <= token < vocab_size for token in prompt_ids):
+    parser.error(f'prompt ids {prompt_ids} must lie in [0, {vocab_size})')
+  if len(prompt_ids) + args.max_new_tokens > device['cache_len']:
+    parser.error(f'{len(prompt_ids)} prompt + {args.max_new_tokens} new tokens exceed the '
+                 f'programs\' cache_len={device["cache_len"]}')
+
+  prefill, decode = runners(device_dir, args.runtime)
+  session = to_device.Session(model.config, memory, prefill, decode, device['cache_len'])
+  new_ids = generate(session, prompt_ids, args.max_new_tokens, vocabulary.get('eod_id'))
+  print('ids:', ','.join(map(str, new_ids)))
+  if tokenizer is not None:
+    print('text:', (args.prompt or tokenizer.decode(prompt_ids)) + tokenizer.decode(new_ids))
+
+
+if __name__ == '__main__':
+  main()

@@ -1,8 +1,6 @@
 """The Engram baseline (DeepSeek's hashed n-gram memory): equations, hashing, gradients, causality,
 packed rows, sharding, parameter counts, and what the fold and the decode model do with it."""
 
-import functools
-import json
 
 import flax.linen as nn
 import jax
@@ -19,6 +17,7 @@ from meki_jax.model.engram import (EngramMemory, add_engram, hash_moduli, hash_m
                                    ngram_hash_ids)
 from meki_jax.model.transformer import build_model
 from meki_jax.param_count import count_params
+from tests.model.random_model import model_and_params, moved, one_document, rms_norm
 
 ENGRAM = dict(enabled=True, layers=(1,), ngram_orders=(2, 3), num_heads=2, head_width=4,
               rows_per_head=64, conv_kernel=4)
@@ -31,42 +30,6 @@ def engram_config(tiny_model_config):
   config = tiny_model_config(vocab_size=128, meki=dict(enabled=False))  # 128 rows: 8 x 16
   config.engram.update(ENGRAM)
   return validate_model(config)
-
-
-def _moved(params, seed=1):
-  """Parameters moved off their initial values (norm scales != 1, conv kernel != 0)."""
-  leaves, treedef = jax.tree_util.tree_flatten(nn.meta.unbox(params))
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return jax.tree_util.tree_unflatten(treedef, [
-      leaf + 0.3 * jax.random.normal(key, leaf.shape) for leaf, key in zip(leaves, keys)])
-
-
-def _model_and_params(config):
-  """(forward, params): the jitted (params, token_ids, positions, segment_ids) -> logits and
-  random parameters, built once per config for the whole session (compiling dominates)."""
-  return _cached_model_and_params(config.to_json())
-
-
-@functools.lru_cache(maxsize=None)
-def _cached_model_and_params(config_json):
-  model = build_model(ml_collections.ConfigDict(json.loads(config_json)))
-  # Random values of the parameters' shapes: on CPU, XLA compiles a model's initializers
-  # slower than everything else these tests run.
-  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
-  rng = np.random.default_rng(0)
-  params = jax.tree_util.tree_map_with_path(  # norm scales around 1, the rest around 0
-      lambda path, leaf: jnp.asarray(float('scale' in path[-1].key) + 0.3 * rng.normal(
-          size=leaf.shape), leaf.dtype), nn.meta.unbox(abstract['params']))
-  return jax.jit(lambda p, *args: model.apply({'params': p}, *args)), params
-
-
-def _one_document(token_ids):
-  positions = jnp.broadcast_to(jnp.arange(token_ids.shape[1]), token_ids.shape)
-  return positions, jnp.ones_like(token_ids)
-
-
-def _rms_norm(x, scale, eps=1e-6):
-  return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
 
 
 def _numpy_engram(config, p, token_ids, segment_ids, hidden):
@@ -84,13 +47,13 @@ def _numpy_engram(config, p, token_ids, segment_ids, hidden):
       rows = [gram % int(moduli[2 * order + head]) + (2 * order + head) * engram.rows_per_head
               for order, gram in enumerate((bigram, trigram)) for head in range(2)]
       memory[b, t] = p['ngram_table'][rows].reshape(-1)  # e_t
-  key = _rms_norm(memory @ p['key']['kernel'], p['key_norm']['scale'])
+  key = rms_norm(memory @ p['key']['kernel'], p['key_norm']['scale'])
   value = memory @ p['value']['kernel']
-  score = np.sum(_rms_norm(hidden, p['query_norm_scale']) * key, -1, keepdims=True)
+  score = np.sum(rms_norm(hidden, p['query_norm_scale']) * key, -1, keepdims=True)
   score = score / np.sqrt(config.d_model)
   score = np.sign(score) * np.sqrt(np.maximum(np.abs(score), 1e-6))
   gated = value / (1 + np.exp(-score))  # u
-  normed = _rms_norm(gated, p['conv_norm_scale'])
+  normed = rms_norm(gated, p['conv_norm_scale'])
   conv = np.zeros_like(gated)
   for b in range(batch):
     for t in range(seq):
@@ -105,7 +68,7 @@ def test_memory_and_fusion_match_the_equations(engram_config):
   token_ids = rng.integers(0, engram_config.vocab_size, size=SEGMENTS.shape)
   hidden = rng.normal(size=SEGMENTS.shape + (engram_config.d_model,)).astype(np.float32)
   module = EngramMemory(engram_config)
-  params = jax.jit(lambda: _moved(module.init(jax.random.PRNGKey(0), token_ids, SEGMENTS)))()
+  params = jax.jit(lambda: moved(module.init(jax.random.PRNGKey(0), token_ids, SEGMENTS)))()
   memory = jax.jit(module.apply)(params, token_ids, SEGMENTS)
   assert memory['key'].shape == memory['value'].shape == (1,) + hidden.shape
   fuse = jax.jit(lambda slot: add_engram(hidden, slot, memory, SEGMENTS, engram_config))
@@ -148,13 +111,13 @@ def test_no_ngram_spans_a_document_start(engram_config):
 
 def test_model_shapes_and_gradients_reach_every_engram_parameter(engram_config):
   token_ids = jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, engram_config.vocab_size)
-  forward, params = _model_and_params(engram_config)
+  forward, params = model_and_params(engram_config)
   layer = params['engram']['layer_1']
   assert layer['ngram_table'].shape == (HEADS * 64, 4)
   assert layer['conv_kernel'].shape == (4, engram_config.d_model)
 
   def loss(p):
-    logits = forward(p, token_ids, *_one_document(token_ids))
+    logits = forward(p, token_ids, *one_document(token_ids))
     return jnp.mean(jnp.square(logits)), logits.shape
 
   grads, shape = jax.jit(jax.grad(loss, has_aux=True))(params)
@@ -165,9 +128,9 @@ def test_model_shapes_and_gradients_reach_every_engram_parameter(engram_config):
 
 def test_a_future_token_leaves_earlier_logits_unchanged(engram_config):
   token_ids = jax.random.randint(jax.random.PRNGKey(2), (1, 17), 0, engram_config.vocab_size)
-  forward, params = _model_and_params(engram_config)
+  forward, params = model_and_params(engram_config)
   changed = token_ids.at[0, 8].set((token_ids[0, 8] + 1) % engram_config.vocab_size)
-  logits, changed_logits = (forward(params, ids, *_one_document(ids))
+  logits, changed_logits = (forward(params, ids, *one_document(ids))
                             for ids in (token_ids, changed))
   np.testing.assert_array_equal(logits[:, :8], changed_logits[:, :8])
   assert np.abs(logits[:, 8:] - changed_logits[:, 8:]).max() > 0
@@ -177,9 +140,9 @@ def test_a_packed_document_equals_the_document_alone(engram_config):
   """Hashes, the conv (which reaches 9 tokens back) and attention all stop at the document."""
   token_ids = jax.random.randint(jax.random.PRNGKey(3), (1, 17), 0, engram_config.vocab_size)
   positions = jnp.asarray([list(range(5)) + list(range(12))])
-  forward, params = _model_and_params(engram_config)
+  forward, params = model_and_params(engram_config)
   packed = forward(params, token_ids, positions, jnp.asarray(SEGMENTS[:1]))
-  alone = forward(params, token_ids[:, 5:], *_one_document(token_ids[:, 5:]))
+  alone = forward(params, token_ids[:, 5:], *one_document(token_ids[:, 5:]))
   # Other shapes change the order of float32 sums: agreement to 1e-5 of the largest logit.
   np.testing.assert_allclose(packed[:, 5:], alone, rtol=0, atol=1e-5 * np.abs(alone).max())
 
@@ -188,8 +151,8 @@ def test_tables_shard_over_vocab_and_give_the_single_device_logits(engram_config
   """On fsdp=8, each device holds 1/8 of every n-gram table's rows; logits match one device."""
   config = engram_config
   token_ids = jax.random.randint(jax.random.PRNGKey(4), (8, 9), 0, config.vocab_size)
-  forward, params = _model_and_params(config)
-  single = forward(params, token_ids, *_one_document(token_ids))
+  forward, params = model_and_params(config)
+  single = forward(params, token_ids, *one_document(token_ids))
 
   mesh_config = base.get_config().mesh
   mesh_config.shape = ml_collections.ConfigDict(dict(data=1, fsdp=8, tensor=1))
@@ -201,7 +164,7 @@ def test_tables_shard_over_vocab_and_give_the_single_device_logits(engram_config
   assert {shard.data.shape for shard in table.addressable_shards} == {(HEADS * 64 // 8, 4)}
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     logits = jax.jit(lambda p, *args: model.apply({'params': p}, *args))(
-        sharded, token_ids, *_one_document(token_ids))
+        sharded, token_ids, *one_document(token_ids))
   np.testing.assert_allclose(logits, single, rtol=0, atol=1e-5 * np.abs(single).max())
 
 
@@ -222,7 +185,7 @@ def test_fold_passes_engram_through_and_decode_refuses_it(tiny_model_config):
   and the result is the folded model's tree."""
   config = tiny_model_config()
   config.engram.update(ENGRAM)
-  _, params = _model_and_params(config)
+  _, params = model_and_params(config)
   folded = fold_params(params, config)
   assert jax.tree_util.tree_all(jax.tree_util.tree_map(
       lambda a, b: a is b, folded['engram'], params['engram']))

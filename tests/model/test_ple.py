@@ -1,13 +1,10 @@
 """The PLE baseline (Gemma 3n per-layer embeddings): equations, gradients, causality, packed rows,
 parameter counts, and what the fold and the decode model do with it."""
 
-import functools
-import json
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -15,6 +12,7 @@ from meki_jax.fold import fold_params
 from meki_jax.model.ple import PerLayerBranch, PerLayerInputs
 from meki_jax.model.transformer import build_model
 from meki_jax.param_count import count_params
+from tests.model.random_model import model_and_params, moved, one_document, rms_norm
 
 D_PLE = 6
 
@@ -26,43 +24,6 @@ def ple_config(tiny_model_config):
   return config
 
 
-def _moved(params, seed=1):
-  """Parameters moved off their initial values (norm scales != 1)."""
-  leaves, treedef = jax.tree_util.tree_flatten(nn.meta.unbox(params))
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return jax.tree_util.tree_unflatten(treedef, [
-      leaf + 0.3 * jax.random.normal(key, leaf.shape) for leaf, key in zip(leaves, keys)])
-
-
-def _model_and_params(config):
-  """(forward, params): the jitted (params, token_ids[, positions, segment_ids]) -> logits and
-  random parameters, built once per config for the whole session (compiling dominates)."""
-  return _cached_model_and_params(config.to_json())
-
-
-@functools.lru_cache(maxsize=None)
-def _cached_model_and_params(config_json):
-  model = build_model(ml_collections.ConfigDict(json.loads(config_json)))
-  # Random values of the parameters' shapes: on CPU, XLA compiles a model's initializers
-  # slower than everything else these tests run.
-  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
-  rng = np.random.default_rng(0)
-  params = jax.tree_util.tree_map_with_path(  # norm scales around 1, the rest around 0
-      lambda path, leaf: jnp.asarray(float('scale' in path[-1].key) + 0.3 * rng.normal(
-          size=leaf.shape), leaf.dtype), nn.meta.unbox(abstract['params']))
-  return jax.jit(lambda p, *args: model.apply({'params': p}, *args)), params
-
-
-def _one_document(token_ids):
-  """positions and segment_ids of rows that each hold one document."""
-  positions = jnp.broadcast_to(jnp.arange(token_ids.shape[1]), token_ids.shape)
-  return positions, jnp.ones_like(token_ids)
-
-
-def _rms_norm(x, scale, eps=1e-6):
-  return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
-
-
 def test_inputs_and_branch_match_gemma_3n(ple_config):
   """PerLayerInputs and PerLayerBranch == a numpy transcription of the module docstring."""
   cfg, rng = ple_config, np.random.default_rng(0)
@@ -70,31 +31,31 @@ def test_inputs_and_branch_match_gemma_3n(ple_config):
   embed_rows = rng.normal(size=(2, 5, cfg.d_model)).astype(np.float32)
   hidden = rng.normal(size=(2, 5, cfg.d_model)).astype(np.float32)
   inputs_module, branch = PerLayerInputs(cfg), PerLayerBranch(cfg)
-  inputs_params = jax.jit(lambda: _moved(inputs_module.init(jax.random.PRNGKey(0), token_ids,
+  inputs_params = jax.jit(lambda: moved(inputs_module.init(jax.random.PRNGKey(0), token_ids,
                                                             embed_rows)))()
   inputs = jax.jit(inputs_module.apply)(inputs_params, token_ids, embed_rows)
   assert inputs.shape == (cfg.num_layers, 2, 5, D_PLE)
 
   p = inputs_params['params']
   rows = p['per_layer_table'][token_ids].reshape(2, 5, cfg.num_layers, D_PLE) * np.sqrt(D_PLE)
-  projected = _rms_norm((embed_rows @ p['projection']['kernel']).reshape(2, 5, -1, D_PLE),
+  projected = rms_norm((embed_rows @ p['projection']['kernel']).reshape(2, 5, -1, D_PLE),
                         p['projection_norm']['scale'])
   expected = ((projected + rows) / np.sqrt(2)).transpose(2, 0, 1, 3)
   np.testing.assert_allclose(inputs, expected, rtol=1e-4, atol=1e-5)
 
-  branch_params = jax.jit(lambda: _moved(branch.init(jax.random.PRNGKey(0), hidden,
+  branch_params = jax.jit(lambda: moved(branch.init(jax.random.PRNGKey(0), hidden,
                                                      inputs[1])))()
   out = jax.jit(branch.apply)(branch_params, hidden, inputs[1])
   b = branch_params['params']
   gelu = lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
   gated = gelu(hidden @ b['gate']['kernel']) * np.asarray(inputs[1])
-  np.testing.assert_allclose(out, _rms_norm(gated @ b['up']['kernel'], b['post_norm']['scale']),
+  np.testing.assert_allclose(out, rms_norm(gated @ b['up']['kernel'], b['post_norm']['scale']),
                              rtol=1e-4, atol=1e-5)
 
 
 def test_model_shapes_and_gradients_reach_every_ple_parameter(ple_config):
   token_ids = jax.random.randint(jax.random.PRNGKey(1), (2, 7), 0, ple_config.vocab_size)
-  forward, params = _model_and_params(ple_config)
+  forward, params = model_and_params(ple_config)
   assert params['ple']['per_layer_table'].shape == (ple_config.vocab_size, 2 * D_PLE)
   assert params['layers']['ple']['gate']['kernel'].shape == (2, ple_config.d_model, D_PLE)
 
@@ -113,9 +74,9 @@ def test_model_shapes_and_gradients_reach_every_ple_parameter(ple_config):
 
 def test_a_future_token_leaves_earlier_logits_unchanged(ple_config):
   token_ids = jax.random.randint(jax.random.PRNGKey(2), (1, 11), 0, ple_config.vocab_size)
-  forward, params = _model_and_params(ple_config)
+  forward, params = model_and_params(ple_config)
   changed = token_ids.at[0, 5].set((token_ids[0, 5] + 1) % ple_config.vocab_size)
-  logits, changed_logits = (forward(params, ids, *_one_document(ids))
+  logits, changed_logits = (forward(params, ids, *one_document(ids))
                             for ids in (token_ids, changed))
   np.testing.assert_array_equal(logits[:, :5], changed_logits[:, :5])
   assert np.abs(logits[:, 5:] - changed_logits[:, 5:]).max() > 0
@@ -126,9 +87,9 @@ def test_a_packed_document_equals_the_document_alone(ple_config):
   packed = jnp.asarray(np.concatenate([first, second])[None])
   segment_ids = jnp.asarray([[1] * 5 + [2] * 6])
   positions = jnp.asarray([list(range(5)) + list(range(6))])
-  forward, params = _model_and_params(ple_config)
+  forward, params = model_and_params(ple_config)
   packed_logits = forward(params, packed, positions, segment_ids)
-  alone = forward(params, jnp.asarray(second[None]), *_one_document(jnp.asarray(second[None])))
+  alone = forward(params, jnp.asarray(second[None]), *one_document(jnp.asarray(second[None])))
   # Other shapes change the order of float32 sums: agreement to 1e-5 of the largest logit.
   np.testing.assert_allclose(packed_logits[:, 5:], alone, rtol=0, atol=1e-5 * np.abs(alone).max())
 
@@ -150,7 +111,7 @@ def test_fold_passes_ple_through_and_decode_refuses_it(tiny_model_config):
   the result is the folded model's tree."""
   config = tiny_model_config()
   config.ple.update(enabled=True, d_ple=D_PLE)
-  _, params = _model_and_params(config)
+  _, params = model_and_params(config)
   folded = fold_params(params, config)
   for kept in (lambda tree: tree['ple'], lambda tree: tree['layers']['ple']):
     assert jax.tree_util.tree_all(jax.tree_util.tree_map(

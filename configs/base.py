@@ -48,7 +48,8 @@ def model_config(*, num_layers, d_model, num_heads, num_kv_heads, d_ff, d_mem):
       )),
       engram=ml_collections.ConfigDict(dict(  # hashed n-gram memory (DeepSeek), model/engram.py
           enabled=False,
-          layers=(1, num_layers // 2),  # the layers that get Engram, before their attention
+          # the layers that get Engram, before their attention: 1 and L/2 (one layer when L <= 3)
+          layers=tuple(sorted({min(1, num_layers - 1), num_layers // 2})),
           ngram_orders=(2, 3),
           num_heads=8,  # hash heads per order
           head_width=d_mem // 2,  # values per table row

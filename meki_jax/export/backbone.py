@@ -133,7 +133,7 @@ def check_backbone(path, config, dtype):
     raise ExportError(f'{path} is not a readable safetensors file: {error}') from error
   if metadata.get('format') != FORMAT:
     raise ExportError(f'{path}: metadata format={metadata.get("format")!r}, expected {FORMAT!r}')
-  if json.loads(metadata.get('config', 'null')) != config:
+  if json.loads(metadata.get('config', 'null')) != json.loads(json.dumps(config)):  # tuples
     raise ExportError(f'{path}: the config in its metadata differs from manifest.json\'s')
   if names != set(expected):
     raise ExportError(f'{path}: missing tensors {sorted(set(expected) - names)}, unexpected '

@@ -8,6 +8,7 @@ backbone, and publishes the directory atomically. With several processes each fo
 its own vocabulary slice, and process 0 writes the rest and publishes.
 """
 
+import json
 import pathlib
 import uuid
 
@@ -132,7 +133,7 @@ def export_folded(params, model_config, out, *, dtype='float16', backbone_dtype=
   if process_count > 1 and not run_id:
     raise ValueError('process_count > 1 needs a run_id shared by all processes of the export')
   run_id = run_id or uuid.uuid4().hex
-  config_dict = model_config.to_dict()
+  config_dict = json.loads(json.dumps(model_config.to_dict()))  # as manifest.json reads back
   temporary = memory_store.prepare_output(out, overwrite, process_count)
 
   memory_entry = None

@@ -17,7 +17,8 @@ from tests.export.conftest import moved_params
 def tensors(tiny_model_config):
   config = tiny_model_config(meki=dict(position='after_ffn'))
   params = moved_params(config)
-  return config.to_dict(), params, backbone.backbone_tensors(ram_params(params), config.to_dict())
+  config_dict = json.loads(json.dumps(config.to_dict()))  # as manifest.json holds it
+  return config_dict, params, backbone.backbone_tensors(ram_params(params), config_dict)
 
 
 def test_names_and_layouts_are_pytorch_linear_weights(tensors):

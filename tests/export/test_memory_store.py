@@ -69,7 +69,7 @@ def test_manifest_records_what_the_reader_needs(model, tmp_path):
                     source={'checkpoint': '/runs/x/checkpoints/7', 'step': 7})
   on_disk = json.loads((tmp_path / 'out' / memory_store.MANIFEST).read_text())
   assert on_disk == manifest
-  assert manifest['model_config'] == config.to_dict()
+  assert manifest['model_config'] == json.loads(json.dumps(config.to_dict()))
   assert manifest['source']['step'] == 7
   memory = manifest['memory']
   assert (memory['shape'], memory['dtype'], memory['layout']) == (

@@ -16,7 +16,7 @@ import pathlib
 import flax.linen as nn
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from meki_jax import decode, fold, host_memory, run_config
@@ -95,6 +95,7 @@ def inference_model(params, model_config, form, host_memory_path=None, overwrite
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
   if not _PROMPT.value:
     raise app.UsageError('pass at least one --prompt')
   sampling = decode.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)

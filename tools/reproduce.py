@@ -21,7 +21,7 @@ from meki_jax.train.metrics import read_metrics
 
 
 def train_variant(variant, workdir, steps, eval_every):
-  """Runs the trainer for one variant; returns the wall-clock minutes (0 if already done)."""
+  """Runs the trainer for one variant; returns the wall-clock minutes (0: finished earlier)."""
   if os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
     if any(r.get('step') == steps and 'eval_loss' in r for r in read_metrics(workdir)):
       return 0.0
@@ -58,7 +58,7 @@ def main():
     delta = (f"{finals[variant] - finals['dense']:+.4f}" if 'dense' in finals else '')
     print(f"| {variant} | {counts['ram_params'] / 1e6:.2f}M | {counts['rom_params'] / 1e6:.2f}M "
           f"| {counts['train_total_params'] / 1e6:.2f}M | {evals[min(evals)]:.4f} -> "
-          f"{finals[variant]:.4f} | {delta} | {minutes:.1f} |")
+          f"{finals[variant]:.4f} | {delta} | {f'{minutes:.1f}' if minutes else 'earlier'} |")
   subprocess.run([sys.executable, 'tools/plot_curves.py',
                   *[f'{v}={os.path.join(args.out, v)}' for v in variants],
                   '--out', os.path.join(args.out, 'eval_loss.png'),

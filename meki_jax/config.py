@@ -1,5 +1,6 @@
 """Validation of a run's ConfigDict: every error names the field and its value."""
 
+from meki_jax.model.attention import ATTENTION_IMPLEMENTATIONS
 from meki_jax.model.engram import hash_moduli
 from meki_jax.model.meki import FUSIONS, MEMORIES, POSITIONS, PROJECTIONS
 from meki_jax.model.transformer import REMAT_POLICIES
@@ -79,6 +80,11 @@ def validate_model(model):
   _choice('model', 'dtype', model.dtype, DTYPES)
   _choice('model', 'param_dtype', model.param_dtype, DTYPES)
   _choice('model', 'remat_policy', model.remat_policy, REMAT_POLICIES)
+  _choice('model', 'attention', model.attention, ATTENTION_IMPLEMENTATIONS)
+  _positive('model', 'attention_block', model.attention_block)
+  _require(isinstance(model.loss_chunk_len, int) and model.loss_chunk_len >= 0,
+           f'model.loss_chunk_len={model.loss_chunk_len!r} must be an integer >= 0 '
+           '(0 = the whole sequence)')
   meki = model.meki
   _require(isinstance(meki.d_mem, int) and meki.d_mem >= 0,
            f'model.meki.d_mem={meki.d_mem!r} must be an integer >= 0 (0 = dense baseline)')
@@ -100,6 +106,11 @@ def validate(config):
   validate_model(config.model)
   if 'data' in config:
     _positive('data', 'seq_len', config.data.seq_len)
+    seq_len, model = config.data.seq_len, config.model
+    for name in ('attention_block', 'loss_chunk_len'):
+      chunk = model[name]
+      _require(chunk == 0 or seq_len <= chunk or seq_len % chunk == 0,
+               f'data.seq_len={seq_len} is not a multiple of model.{name}={chunk}')
     _require(0 <= config.data.eod_id < config.model.vocab_size,
              f'data.eod_id={config.data.eod_id} is outside the vocabulary '
              f'[0, model.vocab_size={config.model.vocab_size})')

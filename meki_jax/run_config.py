@@ -32,11 +32,19 @@ def _from_plain(value):
   return value
 
 
+# model fields that choose how the same parameters are computed, not which parameters exist: a
+# resume may change them (e.g. remat 'full' -> 'mlp' on a larger slice)
+IMPLEMENTATION_FIELDS = ('model.remat_policy', 'model.attention', 'model.attention_block',
+                         'model.loss_chunk_len')
+
+
 def _differences(saved, current, prefix):
-  """Dotted names whose values differ between two plain dicts."""
+  """Dotted names whose values differ between two plain dicts (IMPLEMENTATION_FIELDS aside)."""
   names = []
   for key in sorted(set(saved) | set(current)):
     name = f'{prefix}.{key}'
+    if name in IMPLEMENTATION_FIELDS:
+      continue
     old, new = saved.get(key), current.get(key)
     if isinstance(old, dict) and isinstance(new, dict):
       names += _differences(old, new, name)

@@ -4,12 +4,18 @@
   JAX_PLATFORMS=cpu python tools/aot_compile.py --config configs/meki_1p7b.py --topology v5p-64 \
       [--config.train.grad_accum_steps=8 ...]
 
-Prints per-device arguments (parameters + optimizer state + batch), temporaries, the total
-against the chip's HBM, and the model TFLOPs per step (the analytic formula of
-meki_jax/train/flops.py; XLA's cost analysis would count the scanned layer once).
+Prints the attention implementation compiled ('auto' is the splash kernel on TPU), the remat
+policy and accumulation, per-device arguments (parameters + optimizer state + batch),
+temporaries, the total against the chip's HBM, and the model TFLOPs per step (the analytic
+formula of meki_jax/train/flops.py; XLA's cost analysis would count the scanned layer once).
+Runs beside other processes that hold libtpu (an AOT compile opens no chip).
 """
 
 import json
+import os
+
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')  # before anything loads libtpu
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # compile for the topology, not a local chip
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -29,10 +35,13 @@ def main(argv):
   if _JSON.value:
     print(json.dumps(result))
     return
+  setting = (f"attention {result['attention']}, remat {result['remat_policy']}, grad accum "
+             f"{result['grad_accum_steps']}")
   if 'error' in result:
-    print(f"{result['topology']} ({result['chips']} chips): DOES NOT FIT: {result['error']}")
+    print(f"{result['topology']} ({result['chips']} chips), {setting}: DOES NOT FIT: "
+          f"{result['error']}")
     return
-  print(f"{result['topology']} ({result['chips']} chips), per device: "
+  print(f"{result['topology']} ({result['chips']} chips), {setting}, per device: "
         f"arguments {result['argument_gib']:.2f} GiB, temporaries {result['temporary_gib']:.2f} "
         f"GiB, total {result['total_gib']:.2f} of {result['hbm_gib']} GiB HBM -> "
         f"{'fits' if result['fits'] else 'DOES NOT FIT'}; "

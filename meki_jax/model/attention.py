@@ -1,6 +1,13 @@
 """Grouped-query self-attention with RoPE, optional q/k RMSNorm, a document-aware causal mask
 and a KV cache for decoding.
 
+Training and evaluation attend with one of ATTENTION_IMPLEMENTATIONS (`config.model.attention`):
+'xla' materialises the fp32 scores [batch, heads, seq, seq] (reference; short sequences),
+'blocked' (blocked_attention.py) and 'splash' (splash.py, the Pallas TPU kernel) never do, and
+'auto' takes splash on TPU (sequences of a multiple of 128) and, elsewhere, blocked for
+sequences of several `attention_block`s and xla for shorter ones. All four give the same
+outputs and gradients (tests/model/test_attention_impl.py).
+
 The cache of one layer is a pair (key, value), each [batch, kv_heads, cache_len, head_dim] holding
 RoPE-rotated keys and values; a token's slot is its position, so row b's tokens occupy slots
 0..length_b - 1 and rows of different lengths need no padding mask. Heads-major, a row's keys
@@ -10,9 +17,14 @@ for one kv head are contiguous, so a decode step reads the cache in one pass per
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+from meki_jax.model.blocked_attention import blocked_attention
 from meki_jax.model.layers import Dense, RMSNorm
 from meki_jax.model.rope import apply_rope
+from meki_jax.model.splash import LANES, splash_attention
+
+ATTENTION_IMPLEMENTATIONS = ('auto', 'xla', 'blocked', 'splash')
 
 
 def document_causal_mask(segment_ids):
@@ -25,6 +37,50 @@ def document_causal_mask(segment_ids):
   causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
   same_document = segment_ids[:, :, None] == segment_ids[:, None, :]  # [batch, seq, seq]
   return (causal & same_document)[:, None, None]
+
+
+def xla_attention(q, k, v, segment_ids):
+  """q [batch, seq, kv_heads, group, head_dim], k/v [batch, seq, kv_heads, head_dim],
+  segment_ids [batch, seq] -> [batch, seq, kv_heads, group, head_dim] via the whole fp32 score
+  matrix [batch, kv_heads, group, seq, seq]."""
+  scores = jnp.einsum('btkgh,bskh->bkgts', q, k,
+                      preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+  scores = jnp.where(document_causal_mask(segment_ids), scores, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # [batch, kv, group, t, s]
+  return jnp.einsum('bkgts,bskh->btkgh', weights, v)
+
+
+def target_platform():
+  """The platform the code is traced for: the active mesh's devices (a TPU topology in an
+  ahead-of-time compile from a CPU host), else the default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else mesh.abstract_device
+  return device.platform if device is not None else jax.default_backend()
+
+
+def resolve_attention(name, seq, block, platform):
+  """The implementation `name` stands for at sequence length `seq` on `platform`."""
+  if name != 'auto':
+    return name
+  if platform == 'tpu' and seq % LANES == 0:
+    return 'splash'
+  return 'blocked' if seq > block and seq % block == 0 else 'xla'
+
+
+def self_attention(name, q, k, v, segment_ids, block):
+  """Document-causal attention with implementation `name` (ATTENTION_IMPLEMENTATIONS).
+
+  Shapes as `xla_attention`. Splash off TPU runs in Pallas interpret mode.
+  """
+  platform = target_platform()
+  name = resolve_attention(name, q.shape[1], block, platform)
+  if name == 'xla':
+    return xla_attention(q, k, v, segment_ids)
+  if name == 'blocked':
+    return blocked_attention(q, k, v, segment_ids, block)
+  if name == 'splash':
+    return splash_attention(q, k, v, segment_ids, block, interpret=platform != 'tpu')
+  raise ValueError(f'model.attention={name!r} is not one of {ATTENTION_IMPLEMENTATIONS}')
 
 
 def cached_causal_mask(positions, cache_len):
@@ -83,6 +139,9 @@ class Attention(nn.Module):
   With `cache` (one layer's (key, value), see `init_kv_cache`) the step's keys and values are
   written at the slots `positions` (contiguous per row), the queries attend over the whole
   cache, and the call returns (output, updated cache); `segment_ids` is then unused.
+  Without a cache, `implementation` (ATTENTION_IMPLEMENTATIONS) attends, in blocks of
+  `block` positions for 'blocked' and 'splash'. q/k/v after RoPE and the attention output are
+  named 'query', 'key', 'value', 'context' for the remat policies (transformer.py).
   """
   num_heads: int
   num_kv_heads: int
@@ -93,6 +152,8 @@ class Attention(nn.Module):
   std: float
   dtype: jnp.dtype
   param_dtype: jnp.dtype
+  implementation: str = 'xla'
+  block: int = 512
 
   @nn.compact
   def __call__(self, x, positions, segment_ids, cache=None):
@@ -109,19 +170,20 @@ class Attention(nn.Module):
       k = RMSNorm(name='k_norm', **norm)(k)
     q = apply_rope(q, positions, self.rope_theta)  # [batch, seq, heads, head_dim]
     k = apply_rope(k, positions, self.rope_theta)  # [batch, seq, kv_heads, head_dim]
-    q = nn.with_logical_constraint(q, ('batch', 'length', 'heads', 'head_dim'))
-    k = nn.with_logical_constraint(k, ('batch', 'length', 'kv_heads', 'head_dim'))
-    v = nn.with_logical_constraint(v, ('batch', 'length', 'kv_heads', 'head_dim'))
+    q = checkpoint_name(nn.with_logical_constraint(q, ('batch', 'length', 'heads', 'head_dim')),
+                        'query')
+    k = checkpoint_name(nn.with_logical_constraint(k, ('batch', 'length', 'kv_heads',
+                                                       'head_dim')), 'key')
+    v = checkpoint_name(nn.with_logical_constraint(v, ('batch', 'length', 'kv_heads',
+                                                       'head_dim')), 'value')
 
     batch, seq = x.shape[:2]
     group = self.num_heads // self.num_kv_heads
     q = q.reshape(batch, seq, self.num_kv_heads, group, self.head_dim)
     if cache is None:
-      scores = jnp.einsum('btkgh,bskh->bkgts', q, k,
-                          preferred_element_type=jnp.float32) * self.head_dim ** -0.5
-      scores = jnp.where(document_causal_mask(segment_ids), scores, jnp.finfo(jnp.float32).min)
-      weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)  # [batch, kv, group, t, s]
-      out = jnp.einsum('bkgts,bskh->btkgh', weights, v)
+      # Parameters do not depend on the implementation: init traces the reference.
+      name = 'xla' if self.is_initializing() else self.implementation
+      out = checkpoint_name(self_attention(name, q, k, v, segment_ids, self.block), 'context')
     else:
       cache = (_write_slots(cache[0], k, positions[:, 0]),
                _write_slots(cache[1], v, positions[:, 0]))

@@ -88,7 +88,7 @@ class SwiGLU(nn.Module):
     return dense(self.out, (self.hidden_axis, self.out_axis), 'down')(hidden)  # [..., out]
 
 
-def _mesh_axes(logical_name):
+def mesh_axes(logical_name):
   """The mesh axes (a tuple) the active logical rules map `logical_name` to."""
   spec = nn.logical_to_mesh_axes((logical_name,))[0]
   return () if spec is None else ((spec,) if isinstance(spec, str) else tuple(spec))
@@ -97,30 +97,53 @@ def _mesh_axes(logical_name):
 def lookup_rows(table, token_ids):
   """table [vocab, width], token_ids [batch, seq] -> rows [batch, seq, width].
 
-  When the active mesh shards the vocabulary, each device looks up only the ids that fall in
-  its own slice of rows (others contribute zeros) and the partial rows are summed across the
-  vocabulary shards with a reduce-scatter back onto the batch sharding (Megatron's
-  vocab-parallel embedding). No device ever gathers the whole table, and the gradient is a
-  local scatter-add into each device's own rows.
+  When the active mesh shards the vocabulary, the vocabulary axes that also shard the batch
+  are handled one of two ways, whichever moves less data:
+  - fewer tokens than table rows (small batches): each device looks up only the ids that fall
+    in its own slice of rows (others contribute zeros) and the partial rows are summed and
+    reduce-scattered back onto the batch sharding (Megatron's vocab-parallel embedding); no
+    device holds the whole table, but every device holds the whole batch's rows for a moment.
+  - more tokens than rows (the recipe: 1M tokens per step against 151,680 rows): each device
+    all-gathers the table's slices over those axes (the table sharded only over the remaining
+    vocabulary axes, for the duration of the lookup) and looks up its own rows of the batch;
+    the gradient is reduce-scattered back onto the table's sharding. Holding [global batch, seq,
+    width] rows would cost, at 256 x 4096 tokens and d_model 2048 in fp32, 8 GiB per device.
+  Vocabulary axes that do not shard the batch stay vocabulary-parallel (partial rows summed).
   """
   mesh = jax.sharding.get_abstract_mesh()
-  vocab_axes = _mesh_axes('vocab') if not mesh.empty else ()
+  vocab_axes = mesh_axes('vocab') if not mesh.empty else ()
   vocab_axes = tuple(axis for axis in vocab_axes if mesh.shape[axis] > 1)
   if not vocab_axes:
     return jnp.take(table, token_ids, axis=0)
-  batch_axes = _mesh_axes('batch')
+  batch_axes = mesh_axes('batch')
   if token_ids.shape[0] % math.prod(mesh.shape[axis] for axis in batch_axes):
     batch_axes = ()  # e.g. init's 1-row batch: replicate the ids, sum the rows everywhere
-  scatter_axes = tuple(axis for axis in vocab_axes if axis in batch_axes)
+  shared_axes = tuple(axis for axis in vocab_axes if axis in batch_axes)
+  gather = token_ids.size > table.shape[0]
+  gather_axes = shared_axes if gather else ()
+  scatter_axes = () if gather else shared_axes
   sum_axes = tuple(axis for axis in vocab_axes if axis not in batch_axes)
-  ids_axes = tuple(axis for axis in batch_axes if axis not in vocab_axes)
+  ids_axes = tuple(axis for axis in batch_axes if gather or axis not in vocab_axes)
 
   def local_lookup(table_shard, ids):  # table_shard [vocab / shards, width]
-    shard = 0
-    for axis in vocab_axes:  # row-major index of this device's vocabulary slice
-      shard = shard * mesh.shape[axis] + jax.lax.axis_index(axis)
-    local_ids = ids - shard * table_shard.shape[0]
-    mine = (local_ids >= 0) & (local_ids < table_shard.shape[0])
+    rows_per_shard = table_shard.shape[0]
+    if gather_axes:  # [vocab / sum-axes shards, width], blocks row-major over gather_axes
+      table_shard = jax.lax.all_gather(table_shard, gather_axes, axis=0, tiled=True)
+    # Decompose each id's vocabulary shard into its index along every vocabulary axis
+    # (row-major over vocab_axes): the id is here if it matches this device's index along the
+    # axes not gathered; its block in the local table is its index over the gathered axes.
+    shard, mine, block = ids // rows_per_shard, True, 0
+    for axis in reversed(vocab_axes):
+      index, shard = shard % mesh.shape[axis], shard // mesh.shape[axis]
+      if axis not in gather_axes:
+        mine = mine & (index == jax.lax.axis_index(axis))
+    stride = 1
+    for axis in reversed(gather_axes):
+      block = block + (ids // rows_per_shard // _minor_size(axis, vocab_axes, mesh)
+                       % mesh.shape[axis]) * stride
+      stride *= mesh.shape[axis]
+    mine = mine & (shard == 0)  # ids beyond the table
+    local_ids = block * rows_per_shard + ids % rows_per_shard
     rows = jnp.take(table_shard, jnp.where(mine, local_ids, 0), axis=0)
     rows = jnp.where(mine[..., None], rows, 0)  # [batch / ids shards, seq, width]
     if sum_axes:
@@ -134,3 +157,8 @@ def lookup_rows(table, token_ids):
                        in_specs=(P(vocab_axes, None), P(ids_axes or None, None)),
                        out_specs=P(batch_axes or None, None, None), check_vma=False)(
                            table, token_ids)
+
+
+def _minor_size(axis, vocab_axes, mesh):
+  """Product of the sizes of the vocabulary axes after `axis` (its stride in shard indices)."""
+  return math.prod(mesh.shape[minor] for minor in vocab_axes[vocab_axes.index(axis) + 1:])

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from meki_jax.model.attention import Attention
 from meki_jax.model.engram import EngramMemory, add_engram, engram_enabled, engram_slots
@@ -22,10 +23,16 @@ from meki_jax.model.layers import RMSNorm, SwiGLU, lookup_rows, normal_init
 from meki_jax.model.meki import MekiBranch
 from meki_jax.model.ple import PerLayerBranch, PerLayerInputs, ple_enabled
 
-REMAT_POLICIES = {  # config.model.remat_policy -> what the backward pass keeps
-    'none': None,  # no remat: keep every activation
-    'mlp': jax.checkpoint_policies.save_anything_except_these_names('mlp_hidden'),
-    'full': jax.checkpoint_policies.nothing_saveable,
+# config.model.remat_policy -> what the backward pass keeps of each layer, besides its input
+# (the scan carry, always kept). Per-device memory at the recipe's shape: README, "Will it fit?".
+REMAT_POLICIES = {
+    'none': None,  # keep every activation, fp32 intermediates of the norms included
+    # Megatron's selective recompute: keep the attention's q, k, v, its output ('context', with
+    # the splash kernel's logsumexp) and the output projection; recompute the norms, the FFN's
+    # hidden activations and the MeKi branch (parallel to the FFN, an MLP of its own).
+    'mlp': jax.checkpoint_policies.save_only_these_names('query', 'key', 'value', 'context',
+                                                         'attn_out'),
+    'full': jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input
 }
 
 
@@ -62,10 +69,12 @@ class DecoderLayer(nn.Module):
       x = add_engram(x, engram_slot, engram, segment_ids, cfg)
     attn_in = norm('pre_attn_norm')(x)
     attn = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta, cfg.qk_norm,
-                     cfg.norm_eps, cfg.init_std, name='attn', **dtypes)(attn_in, positions,
-                                                                         segment_ids, cache)
+                     cfg.norm_eps, cfg.init_std, implementation=cfg.attention,
+                     block=cfg.attention_block, name='attn', **dtypes)(attn_in, positions,
+                                                                       segment_ids, cache)
     if cache is not None:
       attn, cache = attn
+    attn = checkpoint_name(attn, 'attn_out')
     x = x + attn
     if meki_position == 'parallel_attention':
       x = x + meki(attn_in)
@@ -98,11 +107,15 @@ def _embed_rows(cfg, embed, token_ids):
   return nn.with_logical_constraint(embed_rows, ('batch', 'length', 'embed'))
 
 
+def _final_norm(cfg, x):
+  """The final RMSNorm: x [..., d_model] -> [..., d_model] in the compute dtype."""
+  return RMSNorm(axis='embed', eps=cfg.norm_eps, dtype=jnp.dtype(cfg.dtype),
+                 param_dtype=jnp.dtype(cfg.param_dtype), name='final_norm')(x)
+
+
 def _logits(cfg, embed, x):
   """Final RMSNorm and the tied output projection: x [..., d_model] -> [..., vocab] float32."""
-  x = RMSNorm(axis='embed', eps=cfg.norm_eps, dtype=jnp.dtype(cfg.dtype),
-              param_dtype=jnp.dtype(cfg.param_dtype), name='final_norm')(x)
-  return embed.attend(x).astype(jnp.float32)
+  return embed.attend(_final_norm(cfg, x)).astype(jnp.float32)
 
 
 class Transformer(nn.Module):
@@ -110,12 +123,16 @@ class Transformer(nn.Module):
 
   positions / segment_ids: [batch, seq]; default one document per row. `memory_rows`
   ([num_layers, batch, seq, d_mem], folded form only) supplies M~ rows fetched outside the model.
+  With `hidden_only` the output is the final-normed hidden state [batch, seq, d_model] (compute
+  dtype) that the tied embedding projects to logits: the training loss does that projection
+  in chunks (train/loss.py) so the whole logits tensor never exists.
   """
   config: ml_collections.FrozenConfigDict  # config.model
   folded: bool = False
 
   @nn.compact
-  def __call__(self, token_ids, positions=None, segment_ids=None, memory_rows=None):
+  def __call__(self, token_ids, positions=None, segment_ids=None, memory_rows=None,
+               hidden_only=False):
     cfg = self.config
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(token_ids.shape[1]), token_ids.shape)
@@ -141,6 +158,8 @@ class Transformer(nn.Module):
     x, _ = layers(cfg, self.folded, name='layers')(
         embed_rows, token_ids, embed_rows, positions, segment_ids, memory_rows, None, ple_inputs,
         slots, engram)
+    if hidden_only:
+      return nn.with_logical_constraint(_final_norm(cfg, x), ('batch', 'length', 'embed'))
     logits = _logits(cfg, embed, x)  # [batch, seq, vocab]
     return nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
 

@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from meki_jax import sharding
 from meki_jax.config import validate
+from meki_jax.model.attention import resolve_attention
 from meki_jax.model.transformer import build_model
 from meki_jax.train import flops, optim, state as state_lib, step as step_lib
 
@@ -70,6 +71,9 @@ def topology_devices(topology):
   """The (unattached) devices of `topology`, from libtpu."""
   from jax.experimental import topologies
   os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')  # not on a TPU VM: no metadata server
+  # An AOT compile opens no chip: another process holding libtpu (a test run, a second
+  # compile) must not make libtpu's multi-process lockfile abort this one.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   return topologies.get_topology_desc(
       platform='tpu', topology_name=topology.jax_name, chip_config_name=topology.chip_config,
       chips_per_host_bounds=topology.host_bounds, num_slices=1).devices
@@ -102,8 +106,12 @@ def compile_train_step(config, topology):
       in_shardings=(shardings, batch_sharding),
       out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=0)
   tokens = shape[0] * shape[1]
+  attention = resolve_attention(config.model.attention, config.data.seq_len,
+                                config.model.attention_block, 'tpu')
   result = {
       'topology': topology.name, 'chips': topology.chips, 'hbm_gib': topology.hbm_gib,
+      'attention': attention, 'remat_policy': config.model.remat_policy,
+      'grad_accum_steps': config.train.grad_accum_steps,
       'model_tflops_per_step': flops.train_flops_per_token(config.model, config.data.seq_len)
                                * tokens / 1e12,
   }

@@ -11,16 +11,23 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from meki_jax.train.loss import chunked_loss_sum
+
 BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')
 
 
 def loss_sums(params, model, batch):
-  """(sum of masked token losses, number of loss tokens) for a batch [b, seq]."""
-  logits = model.apply({'params': params}, batch['inputs'], batch['positions'],
-                       batch['segment_ids'])  # [b, seq, vocab] f32
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
+  """(sum of masked token losses, number of loss tokens) for a batch [b, seq].
+
+  The tied output projection and the cross-entropy run in chunks of model.loss_chunk_len
+  positions (train/loss.py): the logits [b, seq, vocab] never exist whole.
+  """
+  hidden = model.apply({'params': params}, batch['inputs'], batch['positions'],
+                       batch['segment_ids'], hidden_only=True)  # [b, seq, d_model]
   mask = batch['loss_mask']
-  return jnp.sum(losses * mask), jnp.sum(mask)
+  loss_sum = chunked_loss_sum(hidden, params['embed']['embedding'], batch['targets'], mask,
+                              model.config.loss_chunk_len)
+  return loss_sum, jnp.sum(mask)
 
 
 def _grads_and_sums(params, model, batch, grad_accum_steps):

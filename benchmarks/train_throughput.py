@@ -122,7 +122,7 @@ def main():
     predicted = flops.train_flops_per_token(config.model, base.data.seq_len) / dense_flops
     print(f'| {name} | {tokens / median:,.0f} | {dense_time / median:.3f} | {1 / predicted:.3f} |')
 
-  attention = resolve_attention(base.model.attention, base.data.seq_len,
+  attention = resolve_attention(base.model.attention, base.data.seq_len, base.model.head_dim,
                                 base.model.attention_block, jax.devices()[0].platform)
   print(f'\nThis path (attention {attention}, loss_chunk_len {base.model.loss_chunk_len}) against '
         'the reference path (attention xla, whole logits)')

@@ -36,6 +36,8 @@ def _from_plain(value):
 # resume may change them (e.g. remat 'full' -> 'mlp' on a larger slice)
 IMPLEMENTATION_FIELDS = ('model.remat_policy', 'model.attention', 'model.attention_block',
                          'model.loss_chunk_len')
+# what a config.json written before a field existed stands for (configs/base.py's defaults)
+ADDED_MODEL_DEFAULTS = dict(attention='auto', attention_block=512, loss_chunk_len=256)
 
 
 def _differences(saved, current, prefix):
@@ -88,4 +90,6 @@ def load(workdir):
       plain = json.load(f)
     except json.JSONDecodeError as error:
       raise ValueError(f'{path} is not valid JSON: {error}') from error
+  for key, value in ADDED_MODEL_DEFAULTS.items():
+    plain.get('model', {}).setdefault(key, value)
   return ml_collections.ConfigDict(_from_plain(plain))

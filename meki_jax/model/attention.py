@@ -4,7 +4,7 @@ and a KV cache for decoding.
 Training and evaluation attend with one of ATTENTION_IMPLEMENTATIONS (`config.model.attention`):
 'xla' materialises the fp32 scores [batch, heads, seq, seq] (reference; short sequences),
 'blocked' (blocked_attention.py) and 'splash' (splash.py, the Pallas TPU kernel) never do, and
-'auto' takes splash on TPU (sequences of a multiple of 128) and, elsewhere, blocked for
+'auto' takes splash on TPU (sequences and head_dim multiples of 128) and, elsewhere, blocked for
 sequences of several `attention_block`s and xla for shorter ones. All four give the same
 outputs and gradients (tests/model/test_attention_impl.py).
 
@@ -58,11 +58,11 @@ def target_platform():
   return device.platform if device is not None else jax.default_backend()
 
 
-def resolve_attention(name, seq, block, platform):
+def resolve_attention(name, seq, head_dim, block, platform):
   """The implementation `name` stands for at sequence length `seq` on `platform`."""
   if name != 'auto':
     return name
-  if platform == 'tpu' and seq % LANES == 0:
+  if platform == 'tpu' and seq % LANES == 0 and head_dim % LANES == 0:
     return 'splash'
   return 'blocked' if seq > block and seq % block == 0 else 'xla'
 
@@ -73,7 +73,7 @@ def self_attention(name, q, k, v, segment_ids, block):
   Shapes as `xla_attention`. Splash off TPU runs in Pallas interpret mode.
   """
   platform = target_platform()
-  name = resolve_attention(name, q.shape[1], block, platform)
+  name = resolve_attention(name, q.shape[1], q.shape[-1], block, platform)
   if name == 'xla':
     return xla_attention(q, k, v, segment_ids)
   if name == 'blocked':

@@ -6,7 +6,6 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
 
 def normal_init(std, axes):
@@ -83,8 +82,7 @@ class SwiGLU(nn.Module):
                                                param_dtype=self.param_dtype, name=name)
     gate = dense(self.hidden, (self.in_axis, self.hidden_axis), 'gate')(x)  # [..., hidden]
     up = dense(self.hidden, (self.in_axis, self.hidden_axis), 'up')(x)  # [..., hidden]
-    # Named so the 'mlp' remat policy can drop (and recompute) exactly these activations.
-    hidden = checkpoint_name(nn.silu(gate), 'mlp_hidden') * checkpoint_name(up, 'mlp_hidden')
+    hidden = nn.silu(gate) * up  # not named: the 'mlp' remat policy recomputes it
     return dense(self.out, (self.hidden_axis, self.out_axis), 'down')(hidden)  # [..., out]
 
 

@@ -107,7 +107,7 @@ def compile_train_step(config, topology):
       out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=0)
   tokens = shape[0] * shape[1]
   attention = resolve_attention(config.model.attention, config.data.seq_len,
-                                config.model.attention_block, 'tpu')
+                                config.model.head_dim, config.model.attention_block, 'tpu')
   result = {
       'topology': topology.name, 'chips': topology.chips, 'hbm_gib': topology.hbm_gib,
       'attention': attention, 'remat_policy': config.model.remat_policy,

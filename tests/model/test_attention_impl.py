@@ -53,12 +53,13 @@ def test_attention_equals_xla_outputs_and_gradients(name, block):
 
 
 def test_auto_is_splash_on_tpu_and_blocked_for_long_sequences_elsewhere():
-  assert resolve_attention('auto', 4096, 512, 'tpu') == 'splash'
-  assert resolve_attention('auto', 4096, 512, 'cpu') == 'blocked'
-  assert resolve_attention('auto', 512, 512, 'gpu') == 'xla'
-  assert resolve_attention('blocked', 128, 512, 'tpu') == 'blocked'
-  assert resolve_attention('auto', 100, 512, 'tpu') == 'xla'  # not a multiple of 128 lanes
-  assert resolve_attention('auto', 1000, 512, 'cpu') == 'xla'  # not a multiple of the block
+  assert resolve_attention('auto', 4096, 128, 512, 'tpu') == 'splash'
+  assert resolve_attention('auto', 4096, 128, 512, 'cpu') == 'blocked'
+  assert resolve_attention('auto', 512, 128, 512, 'gpu') == 'xla'
+  assert resolve_attention('blocked', 128, 128, 512, 'tpu') == 'blocked'
+  assert resolve_attention('auto', 100, 128, 512, 'tpu') == 'xla'  # not a multiple of 128 lanes
+  assert resolve_attention('auto', 128, 24, 512, 'tpu') == 'xla'  # head_dim either
+  assert resolve_attention('auto', 1000, 128, 512, 'cpu') == 'xla'  # not a multiple of the block
 
 
 def test_blocks_that_do_not_tile_the_sequence_are_refused():

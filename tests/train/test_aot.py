@@ -1,11 +1,16 @@
 """Ahead-of-time compilation for TPU topologies (libtpu, no TPU attached)."""
 
 import importlib.util
+import os
+import subprocess
+import sys
 
 import pytest
 
 from meki_jax.train.aot import compile_train_step, parse_topology
 from tests.train.test_loop import small_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.mark.parametrize('name, jax_name, chips', [
@@ -30,3 +35,42 @@ def test_train_step_compiles_for_a_v5p_slice():
   assert result['chips'] == 4 and result['fits']
   assert 0 < result['argument_gib'] <= result['total_gib'] < 1
   assert result['model_tflops_per_step'] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec('libtpu') is None, reason='needs libtpu (.[tpu])')
+def test_auto_attention_compiles_the_splash_kernel_with_a_chunked_loss_for_tpu():
+  config = small_config(num_steps=10)
+  config.data.seq_len = 256
+  config.model.update(head_dim=128, remat_policy='mlp', attention_block=128, loss_chunk_len=64)
+  result = compile_train_step(config, parse_topology('v5p-8'))
+  assert result['attention'] == 'splash' and result['fits']
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec('libtpu') is None, reason='needs libtpu (.[tpu])')
+def test_aot_compile_runs_beside_another_process_holding_libtpu(tmp_path):
+  """Another process that loaded libtpu (without ALLOW_MULTIPLE_LIBTPU_LOAD) keeps running
+  while tools/aot_compile.py compiles; before, libtpu's lockfile aborted the compile."""
+  holder_code = ('import os, sys, time\n'
+                 'from meki_jax.train.aot import parse_topology, topology_devices\n'
+                 'topology_devices(parse_topology("v5p-8"))\n'
+                 'print("holding", flush=True)\n'
+                 'time.sleep(600)\n')
+  env = {key: value for key, value in os.environ.items()
+         if key not in ('ALLOW_MULTIPLE_LIBTPU_LOAD', 'XLA_FLAGS')}
+  env['JAX_PLATFORMS'] = 'cpu'
+  holder = subprocess.Popen([sys.executable, '-c', holder_code], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'holding'
+    args = ['tools/aot_compile.py', '--config', 'configs/quickstart.py', '--topology', 'v5p-8',
+            '--config.train.global_batch_size=8']
+    run = subprocess.run([sys.executable, *args], env=env, cwd=REPO, capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert 'attention xla' in run.stdout and 'fits' in run.stdout, run.stdout  # head_dim 24
+    assert holder.poll() is None  # the holder is still alive: both loaded libtpu
+  finally:
+    holder.kill()
+    holder.wait()

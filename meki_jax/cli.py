@@ -7,6 +7,7 @@ status 1 (2 for the command line) instead of a traceback. MEKI_TRACEBACK=1 shows
 """
 
 import importlib
+import logging
 import os
 import sys
 
@@ -108,3 +109,25 @@ def require_extra(extra, module):
       raise
     fail(f'this needs the {module} package, which the [{extra}] extra installs: '
          f'pip install "meki-jax[{extra}]" (or pip install -e ".[{extra}]" in a clone)')
+
+
+class _OrbaxErrors(logging.Filter):
+  """Drops orbax's ERROR records: a failed save is reported once, as a RunError."""
+
+  def filter(self, record):
+    return not (record.levelno >= logging.ERROR and f'{os.sep}orbax{os.sep}' in record.pathname)
+
+
+def _quiet_excepthook(previous):
+  def hook(kind, value, traceback):
+    if kind is RuntimeError and str(value) == 'Event loop is closed':
+      return  # tensorstore's late callbacks into orbax's closed event loop after a failed write
+    previous(kind, value, traceback)
+  return hook
+
+
+def quiet_failed_saves():
+  """After a failed checkpoint write, orbax logs each failed future and tensorstore prints a
+  traceback per late callback (~75 on a full 20 MB disk); the trainer's one RunError says it."""
+  logging.getLogger('absl').addFilter(_OrbaxErrors())
+  sys.excepthook = _quiet_excepthook(sys.excepthook)

@@ -26,6 +26,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  cli.quiet_failed_saves()
   config = cli.load_config(_CONFIG)
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from meki_jax.train.loop import train  # after jax.distributed: nothing touches devices first

@@ -112,10 +112,15 @@ def require_extra(extra, module):
 
 
 class _OrbaxErrors(logging.Filter):
-  """Drops orbax's ERROR records: a failed save is reported once, as a RunError."""
+  """Drops orbax's ERROR records, and asyncio's about orbax's failed write tasks: a failed save
+  is reported once, as a RunError."""
 
   def filter(self, record):
-    return not (record.levelno >= logging.ERROR and f'{os.sep}orbax{os.sep}' in record.pathname)
+    if record.levelno < logging.ERROR:
+      return True
+    if record.name == 'asyncio':
+      return 'orbax' not in str(record.msg) + str(record.args) + str(record.exc_info)
+    return f'{os.sep}orbax{os.sep}' not in record.pathname
 
 
 def _quiet_excepthook(previous):
@@ -129,5 +134,6 @@ def _quiet_excepthook(previous):
 def quiet_failed_saves():
   """After a failed checkpoint write, orbax logs each failed future and tensorstore prints a
   traceback per late callback (~75 on a full 20 MB disk); the trainer's one RunError says it."""
-  logging.getLogger('absl').addFilter(_OrbaxErrors())
+  for logger in ('absl', 'asyncio'):
+    logging.getLogger(logger).addFilter(_OrbaxErrors())
   sys.excepthook = _quiet_excepthook(sys.excepthook)

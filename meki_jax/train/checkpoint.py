@@ -52,8 +52,12 @@ class Manager(ocp.CheckpointManager):
     try:
       checksums.write_manifest(_unfinalized_directory(self.directory, step))
     except Exception as error:  # noqa: BLE001  (re-raised: orbax then does not commit the step)
-      self.manifest_error = f'{type(error).__name__}: {error}'
+      self.manifest_error = _one_line(error)
       raise
+
+
+def _one_line(error):
+  return ' '.join(f'{type(error).__name__}: {error}'.split())
 
 
 def _unfinalized_directory(directory, step):
@@ -163,7 +167,7 @@ def save(manager, step, state, data_iterator, force=False):
   except Exception as error:  # noqa: BLE001  (disk full, permissions: one clear error)
     manager.pending_step = None
     raise RunError(f'saving checkpoint step {step} to {manager.directory} failed: '
-                   f'{type(error).__name__}: {error}') from error
+                   f'{_one_line(error)}') from error
 
 
 def save_failed(manager):
@@ -188,7 +192,7 @@ def finish(manager):
     manager.wait_until_finished()
     manager.check_for_errors()
   except Exception as caught:  # noqa: BLE001
-    error = f'{type(caught).__name__}: {caught}'
+    error = _one_line(caught)
   step_dir = os.path.join(str(manager.directory), str(step))
   if not os.path.exists(os.path.join(step_dir, checksums.MANIFEST)):
     reason = manager.manifest_error or error or 'the step directory was not committed'

@@ -6,7 +6,6 @@ OSError such as a full disk), end the program with `<program>: error: <message>`
 status 1 (2 for the command line) instead of a traceback. MEKI_TRACEBACK=1 shows tracebacks.
 """
 
-import importlib
 import logging
 import os
 import sys
@@ -98,17 +97,6 @@ def report_errors(function, errors):
     if os.environ.get('MEKI_TRACEBACK'):
       raise
     fail(f'{error} (MEKI_TRACEBACK=1 shows the traceback)')
-
-
-def require_extra(extra, module):
-  """Imports `module` or ends the program saying which extra of meki-jax installs it."""
-  try:
-    importlib.import_module(module)
-  except ModuleNotFoundError as error:
-    if error.name != module and not (error.name or '').startswith(module + '.'):
-      raise
-    fail(f'this needs the {module} package, which the [{extra}] extra installs: '
-         f'pip install "meki-jax[{extra}]" (or pip install -e ".[{extra}]" in a clone)')
 
 
 class _OrbaxErrors(logging.Filter):

@@ -13,7 +13,7 @@ Needs only torch, tensorstore and safetensors (and executorch for the .pte), not
 
 import argparse
 
-from meki_jax.cli import require_extra
+from meki_jax.extras import require_extra
 
 require_extra('device', 'torch')
 from meki_jax.export import to_device  # noqa: E402  (after the check for torch)

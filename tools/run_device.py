@@ -15,7 +15,7 @@ import argparse
 import json
 import pathlib
 
-from meki_jax.cli import require_extra
+from meki_jax.extras import require_extra
 
 require_extra('device', 'torch')
 import torch  # noqa: E402  (after the check for it)

@@ -7,7 +7,7 @@
 Every other flag is lm-eval's own (`--limit`, `--output_path`, `--include_path`, ...).
 """
 
-from meki_jax.cli import require_extra
+from meki_jax.extras import require_extra
 
 require_extra('eval', 'lm_eval')
 from lm_eval.__main__ import cli_evaluate  # noqa: E402  (after the check for lm_eval)

@@ -155,6 +155,7 @@ def test_nonfinite_values_are_named():
   assert checkpoint.nonfinite_leaves(tree) == ['opt_state/mu', 'params/b']
 
 
+@pytest.mark.slow
 def test_a_nonfinite_loss_stops_training_and_nothing_is_saved(tmp_path):
   config = small_config(4, checkpoint_every=1)
   config.model.init_std = 1e30  # finite parameters whose logits overflow

@@ -185,3 +185,17 @@ def test_a_missing_extra_is_named(tmp_path, args, extra):
       f'this needs the {module} package, which the [{extra}] extra installs: pip install '
       f'"meki-jax[{extra}]" (or pip install -e ".[{extra}]" in a clone)'), result.stderr
   assert 'Traceback' not in result.stderr
+
+
+def test_an_empty_corpus_is_named_before_training(tmp_path):
+  from configs import base
+  from meki_jax.data import preprocess
+  from meki_jax.data.pipeline import make_train_dataset
+  (tmp_path / 'empty.jsonl').write_text('')
+  preprocess.preprocess([str(tmp_path / 'empty.jsonl')], str(tmp_path / 'shards'),
+                        progress=False)
+  config = base.get_config()
+  config.data.train_sources = (dict(path=str(tmp_path / 'shards' / '*.array_record')),)
+  with pytest.raises(ValueError, match=r'data.train_sources\[0\] \(.*\) holds no documents '
+                                       r'\(an empty corpus\?\)'):
+    make_train_dataset(config.data, global_batch_size=8)

@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from meki_jax import run_config
+from meki_jax.generate import load_params
 from meki_jax.train import checkpoint, checksums
 from meki_jax.train.errors import RunError
 from meki_jax.train.loop import train
@@ -98,6 +99,9 @@ def test_a_damaged_checkpoint_is_named_kept_aside_and_the_run_resumes_from_the_i
   _flip(data_file, offset)  # kept: the resume must find it
 
   capsys.readouterr()
+  load_params(small_config(4), str(workdir))  # generate's and the evaluation's restore
+  assert (f'checkpoint step 4 is damaged and skipped: {data_file} does not match its checksum'
+          in capsys.readouterr().err)
   train(small_config(4, checkpoint_every=2), str(workdir))
   err = capsys.readouterr().err
   damaged = workdir / checkpoint.DAMAGED / '4'

@@ -101,6 +101,23 @@ def validate_model(model):
   return model
 
 
+_SOURCES_SYNTAX = ('--config.data.train_sources=\'({"path": "shards/*.array_record", '
+                   '"weight": 1.0},)\'')
+
+
+def _validate_sources(name, sources):
+  """Each source is a dict with a string `path` (and optionally a positive `weight`)."""
+  _require(isinstance(sources, (list, tuple)),
+           f'data.{name}={sources!r} must be a tuple of dicts, e.g. {_SOURCES_SYNTAX}')
+  for number, source in enumerate(sources):
+    _require(hasattr(source, 'get') and isinstance(source.get('path'), str),
+             f'data.{name}[{number}]={source!r} must be a dict with a string "path", e.g. '
+             f'{_SOURCES_SYNTAX}')
+    weight = source.get('weight', 1.0)
+    _require(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight > 0,
+             f'data.{name}[{number}] weight={weight!r} must be a positive number')
+
+
 def validate(config):
   """Checks a whole run config (model, data, train, optim); returns it unchanged."""
   validate_model(config.model)
@@ -118,6 +135,9 @@ def validate(config):
              f'data.eval_fraction={config.data.eval_fraction} must lie in [0, 1)')
     _require(config.data.eval_sources or config.data.eval_fraction > 0,
              'data.eval_sources is empty and data.eval_fraction=0: no data to evaluate on')
+    _require(len(config.data.train_sources) > 0, 'data.train_sources is empty')
+    for name in ('train_sources', 'eval_sources'):
+      _validate_sources(name, config.data[name])
   if 'train' in config:
     train = config.train
     for name in ('num_steps', 'global_batch_size', 'grad_accum_steps', 'log_every',

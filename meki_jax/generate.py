@@ -19,12 +19,13 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from meki_jax import decode, fold, host_memory, run_config
+from meki_jax import cli, decode, fold, host_memory, run_config
 from meki_jax.config import validate
 from meki_jax.data.tokenizer import load_tokenizer
 from meki_jax.model.transformer import build_model, meki_enabled
 from meki_jax.sharding import MESH_AXES, axis_rules
 from meki_jax.train import checkpoint, optim, state as state_lib
+from meki_jax.train.errors import RunError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'The run\'s config (configs/*.py[:arg]); '
                                           'default: <workdir>/config.json.', lock_config=True)
@@ -50,6 +51,8 @@ def checkpoint_location(workdir=None, checkpoint_path=None):
     raise ValueError('pass exactly one of --workdir (latest checkpoint) and --checkpoint '
                      '(<workdir>/checkpoints/<step>)')
   if checkpoint_path is None:
+    if not os.path.isdir(workdir):
+      raise FileNotFoundError(f'--workdir={workdir} does not exist')
     return workdir, None
   path = pathlib.Path(checkpoint_path).resolve()
   if not (path.name.isdigit() and path.parent.name == 'checkpoints' and path.is_dir()):
@@ -99,9 +102,13 @@ def main(argv):
   if not _PROMPT.value:
     raise app.UsageError('pass at least one --prompt')
   sampling = decode.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
-  workdir, step = checkpoint_location(_WORKDIR.value, _CHECKPOINT.value)
-  config = validate(_CONFIG.value or run_config.load(workdir))
-  params = load_params(config, workdir, step)
+  workdir, step = cli.report_errors(
+      lambda: checkpoint_location(_WORKDIR.value, _CHECKPOINT.value), (ValueError, OSError))
+  config = cli.load_config(_CONFIG) or cli.report_errors(lambda: run_config.load(workdir),
+                                                         (ValueError, OSError))
+  config = cli.report_errors(lambda: validate(config), ValueError)
+  params = cli.report_errors(lambda: load_params(config, workdir, step),
+                             (RunError, ValueError, OSError))
   model, params, memory = inference_model(params, config.model, _FORM.value, _HOST_MEMORY.value,
                                           _OVERWRITE.value)
   tokenizer = load_tokenizer(config.data.tokenizer)
@@ -116,4 +123,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,15 +1,17 @@
 """A run's config beside its checkpoints: `<workdir>/config.json`.
 
-The trainer writes it (process 0, atomically) so that tools reading a workdir (generate,
-export, evaluation) need no `--config`, and a resume with a different model fails before any
-checkpoint is touched.
+The trainer checks it before anything else (a resume with a different model fails before any
+checkpoint is touched) and writes it (process 0, atomically, with the umask's mode) only once the
+run has started or restored, so that tools reading a workdir (generate, export, evaluation) need
+no `--config` and a failed start never leaves a config that does not match the checkpoints.
 """
 
 import json
 import os
-import tempfile
 
 import ml_collections
+
+from meki_jax import files
 
 FILENAME = 'config.json'
 
@@ -55,28 +57,36 @@ def _differences(saved, current, prefix):
   return names
 
 
+def check(config, workdir):
+  """Raises ValueError if <workdir>/config.json was written for a different model: the
+  workdir's checkpoints would not restore into this one."""
+  path = os.path.join(workdir, FILENAME)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    try:
+      saved = json.load(f)
+    except json.JSONDecodeError as error:
+      raise ValueError(f'{path} is not valid JSON: {error}') from error
+  changed = _differences(saved.get('model', {}), _to_plain(config)['model'], 'model')
+  if changed:
+    raise ValueError(f'{path} was written for a different model; use a new --workdir or '
+                     'restore the fields: ' + '; '.join(changed))
+
+
 def save(config, workdir, write=True):
   """Writes `config` to <workdir>/config.json (temp + rename) if `write` (process 0).
 
   Raises ValueError, on every process, if the workdir already holds a config with a different
-  model: its checkpoints would not restore into the new one.
+  model (see check).
   """
-  path = os.path.join(workdir, FILENAME)
-  plain = _to_plain(config)
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
-    changed = _differences(saved.get('model', {}), plain['model'], 'model')
-    if changed:
-      raise ValueError(f'{path} was written for a different model; use a new --workdir or '
-                       'restore the fields: ' + '; '.join(changed))
+  check(config, workdir)
   if not write:
     return
   os.makedirs(workdir, exist_ok=True)
-  with tempfile.NamedTemporaryFile('w', dir=workdir, prefix='.config.', suffix='.json',
-                                   delete=False) as f:
-    json.dump(plain, f, indent=2, sort_keys=True)
-  os.replace(f.name, path)
+  files.write_atomically(os.path.join(workdir, FILENAME),
+                         json.dumps(_to_plain(config), indent=2, sort_keys=True),
+                         prefix='.config.')
 
 
 def load(workdir):

@@ -13,7 +13,10 @@ Needs only torch, tensorstore and safetensors (and executorch for the .pte), not
 
 import argparse
 
-from meki_jax.export import to_device
+from meki_jax.extras import require_extra
+
+require_extra('device', 'torch')
+from meki_jax.export import to_device  # noqa: E402  (after the check for torch)
 
 
 def main():

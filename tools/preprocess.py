@@ -8,13 +8,14 @@
 Formats come from the file names (--format overrides): .jsonl/.json/.ndjson (optionally .gz or
 .zst), .parquet, a Megatron-LM dataset (prefix, .bin or .idx), anything else is text. An existing
 --output is left untouched unless --overwrite. Train on the result with
---config.data.train_sources="[dict(path='data/fineweb-edu/*.array_record', weight=1.0)]".
+--config.data.train_sources='({"path": "data/fineweb-edu/*.array_record", "weight": 1.0},)'.
 """
 
 import os
 
 from absl import app, flags
 
+from meki_jax import cli
 from meki_jax.data import preprocess, sources
 
 _INPUT = flags.DEFINE_multi_string('input', None, 'Input files (globs); repeat for more.')
@@ -36,11 +37,11 @@ _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing --output
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  summary = preprocess.preprocess(
+  summary = cli.report_errors(lambda: preprocess.preprocess(
       _INPUT.value, _OUTPUT.value, tokenizer=_TOKENIZER.value, input_format=_FORMAT.value,
       text_field=_TEXT_FIELD.value, text_split=_TEXT_SPLIT.value,
       shard_documents=_SHARD_DOCUMENTS.value, num_workers=_NUM_WORKERS.value,
-      overwrite=_OVERWRITE.value)
+      overwrite=_OVERWRITE.value), (ValueError, OSError, RuntimeError))
   print(summary)
 
 

@@ -15,9 +15,12 @@ import argparse
 import json
 import pathlib
 
-import torch
+from meki_jax.extras import require_extra
 
-from meki_jax.export import to_device
+require_extra('device', 'torch')
+import torch  # noqa: E402  (after the check for it)
+
+from meki_jax.export import to_device  # noqa: E402
 
 
 def runners(device_dir, runtime):

@@ -142,7 +142,13 @@ def make_train_dataset(data_config, *, global_batch_size, process_index=0, proce
   split = None if data_config.eval_sources else 'train'
   datasets, weights = [], []
   for number, source in enumerate(data_config.train_sources):
-    documents = grain.MapDataset.source(_open_source(source, data_config, split))
+    opened = _open_source(source, data_config, split)
+    if len(opened) == 0:
+      total = len(_open_source(source, data_config, None)) if split else 0
+      raise ValueError(f'data.train_sources[{number}] ({source["path"]}) holds no documents' + (
+          f' left for training: data.eval_fraction={data_config.eval_fraction} holds out all '
+          f'{total}' if total else ' (an empty corpus?)'))
+    documents = grain.MapDataset.source(opened)
     datasets.append(documents.shuffle(seed=seed + number).repeat())
     weights.append(float(source.get('weight', 1.0)))
   if not datasets:

@@ -7,9 +7,12 @@
 Every other flag is lm-eval's own (`--limit`, `--output_path`, `--include_path`, ...).
 """
 
-from lm_eval.__main__ import cli_evaluate
+from meki_jax.extras import require_extra
 
-from meki_jax.eval import lm_eval_adapter  # noqa: F401  (registers 'meki_jax')
+require_extra('eval', 'lm_eval')
+from lm_eval.__main__ import cli_evaluate  # noqa: E402  (after the check for lm_eval)
+
+from meki_jax.eval import lm_eval_adapter  # noqa: E402,F401  (registers 'meki_jax')
 
 if __name__ == '__main__':
   cli_evaluate()

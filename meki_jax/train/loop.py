@@ -1,12 +1,17 @@
 """The training loop: config -> mesh -> data -> sharded state -> jitted steps -> checkpoints.
 
-`train(config, workdir)` resumes from the latest checkpoint in `workdir` when there is one
-(state, optimizer, step and the data iterator's position), logs every `train.log_every`
-global steps, evaluates every `train.eval_every`, saves every `train.checkpoint_every`, and on
-SIGTERM (a TPU preemption) saves the current step and returns.
+`train(config, workdir)` takes the workdir's lock (trainer.lock), checks everything it can
+before step 1 (the config against <workdir>/config.json, that the training sources hold
+documents and the evaluation data loss tokens), resumes from the newest checkpoint that passes
+its checksums (state, optimizer, step and the data iterator's position; damaged newer steps are
+moved to <workdir>/damaged_checkpoints), logs every `train.log_every` global steps, evaluates
+every `train.eval_every`, saves every `train.checkpoint_every`, and on SIGTERM (a TPU
+preemption) or a first Ctrl-C saves the current step and returns. A non-finite loss or state,
+or a failed save, stops the run with a RunError before anything bad is saved.
 """
 
 import functools
+import os
 import signal
 import sys
 import time
@@ -23,27 +28,37 @@ from meki_jax.convert.hf_qwen3 import load_hf_qwen3, merge_backbone
 from meki_jax.data.pipeline import make_eval_dataset, make_train_dataset
 from meki_jax.model.transformer import build_model, check_token_ids
 from meki_jax.train import checkpoint, flops, optim, state as state_lib, step as step_lib
+from meki_jax.train.errors import RunError
+from meki_jax.train.lock import WorkdirLock
 from meki_jax.train.metrics import MetricWriter
 
 
 class _Preemption:
   """Whether to save and stop after this step, the same answer on every process.
 
-  One process: a SIGTERM handler sets a flag. Several: jax.distributed's preemption service
-  (started by jax.distributed.initialize) catches SIGTERM on any host and orbax's
-  `reached_preemption` makes all processes agree on the step, so no handler of ours is
-  installed (it would replace the service's).
+  One process: SIGTERM and a first SIGINT (Ctrl-C) set a flag; a second SIGINT exits at once
+  (status 130) without saving. Several: jax.distributed's preemption service (started by
+  jax.distributed.initialize) catches SIGTERM on any host and orbax's `reached_preemption`
+  makes all processes agree on the step, so no handler of ours is installed (it would replace
+  the service's).
   """
 
   def __init__(self, manager):
     self._manager = manager
     self._requested = False
-    self._previous = None
+    self._previous = {}
     if jax.process_count() == 1:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        self._previous[signum] = signal.signal(signum, self._handle)
 
   def _handle(self, signum, frame):
-    del signum, frame
+    del frame
+    if signum == signal.SIGINT:
+      if self._requested:
+        print('\nsecond Ctrl-C: exiting without saving', file=sys.stderr, flush=True)
+        os._exit(130)
+      print('\nCtrl-C: saving a checkpoint after this step, then stopping '
+            '(Ctrl-C again to exit at once without saving)', file=sys.stderr, flush=True)
     self._requested = True
 
   def reached(self, step):
@@ -52,8 +67,8 @@ class _Preemption:
     return self._manager.reached_preemption(step)
 
   def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
 
 def _global_batch(local_batch, batch_sharding, vocab_size):
@@ -83,16 +98,63 @@ def evaluate(params, config, eval_fn, batch_sharding):
     batch_loss, batch_count = eval_fn(params, batch)
     loss_sum, count = loss_sum + float(batch_loss), count + float(batch_count)
   if count == 0:
-    raise ValueError('the evaluation data has no loss tokens: set data.eval_sources, or a '
-                     f'data.eval_fraction (now {config.data.eval_fraction}) that holds out '
-                     'some documents of data.train_sources')
+    raise ValueError(_NO_EVAL_TOKENS.format(config.data.eval_fraction))
   return loss_sum / count
 
 
+_NO_EVAL_TOKENS = ('the evaluation data has no loss tokens: set data.eval_sources, or a '
+                   'data.eval_fraction (now {}) that holds out some documents of '
+                   'data.train_sources')
+
+
+def check_eval_data(config):
+  """Fails before step 1 unless the first `train.eval_batches` evaluation batches hold loss
+  tokens (every process packs the same global batches, so each checks all of them)."""
+  dataset = make_eval_dataset(config.data, global_batch_size=config.train.global_batch_size)
+  for number, batch in enumerate(dataset):
+    if number == config.train.eval_batches:
+      break
+    if batch['loss_mask'].sum() > 0:
+      return
+  raise ValueError(_NO_EVAL_TOKENS.format(config.data.eval_fraction))
+
+
+def _check_finite(state, step, manager):
+  """RunError naming the parameters or moments that hold NaN/inf; nothing is saved then."""
+  bad = checkpoint.nonfinite_leaves(state)
+  if bad:
+    raise RunError(f'step {step}: NaN or inf in {", ".join(bad[:5])}'
+                   f'{" ..." if len(bad) > 5 else ""}; training stopped without saving. '
+                   + _resume_hint(manager))
+
+
+def _resume_hint(manager):
+  steps = checkpoint.saved_steps(str(manager.directory))
+  return (f'The newest checkpoint is step {steps[-1]}; resume from it with a lower '
+          'optim.peak_lr or a larger optim.warmup_steps' if steps else 'There is no checkpoint.')
+
+
 def train(config, workdir):
-  """Trains until `train.num_steps` or SIGTERM. Returns the last logged metrics."""
+  """Trains until `train.num_steps`, SIGTERM or Ctrl-C. Returns the last logged metrics."""
   config = validate(config)
+  run_config.check(config, workdir)  # before anything is read or written
+  lock = WorkdirLock(workdir, jax.process_count())
+  if jax.process_index() == 0:
+    lock.acquire()
+  try:
+    return _train(config, workdir)
+  finally:
+    lock.release()
+
+
+def _train(config, workdir):
   train_config = config.train
+  make_data = lambda seed: iter(make_train_dataset(
+      config.data, global_batch_size=train_config.global_batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count(), seed=seed))
+  data_iterator = make_data(config.data.shuffle_seed)  # fails on sources without documents
+  check_eval_data(config)
+
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.axis_rules(config.mesh)
   model = build_model(config.model)
@@ -105,26 +167,52 @@ def train(config, workdir):
   batch_sharding = NamedSharding(mesh, batch_spec)
   replicated = NamedSharding(mesh, PartitionSpec())
 
-  make_data = lambda seed: iter(make_train_dataset(
-      config.data, global_batch_size=train_config.global_batch_size,
-      process_index=jax.process_index(), process_count=jax.process_count(), seed=seed))
-  data_iterator = make_data(config.data.shuffle_seed)
-  run_config.save(config, workdir, write=jax.process_index() == 0)
+  intact, damaged = checkpoint.newest_intact_step(checkpoint.checkpoint_directory(workdir))
+  for bad_step, target in checkpoint.set_aside(workdir, damaged).items():
+    problem = dict(damaged)[bad_step]
+    _print(f'checkpoint step {bad_step} is damaged ({problem}); moved to {target} and '
+           f'skipped: resuming from step {intact}')
   manager = checkpoint.checkpoint_manager(workdir, train_config)
-  state, data_restored = checkpoint.restore(manager, abstract_state, state_shardings,
-                                            data_iterator)
-  if state is not None and not data_restored:
-    print(f'checkpoint step {int(state.step)} was written by a different number of processes: '
-          'the model state is restored, the data stream restarts with a fresh shuffle '
-          f'(seed {config.data.shuffle_seed} + {int(state.step)})', file=sys.stderr)
-    data_iterator = make_data(config.data.shuffle_seed + int(state.step))
-  if state is None:
-    state = state_lib.create_state(model, optimizer, mesh, rules,
-                                   jax.random.PRNGKey(train_config.seed))
-    if train_config.init_from_hf:
-      state = _start_from_hf(state, state_shardings, config)
-  start_step = int(state.step)
+  try:
+    state, data_restored = (None, False) if intact is None else checkpoint.restore(
+        manager, abstract_state, state_shardings, data_iterator, step=intact, verified=True)
+    if state is not None and not data_restored:
+      _print(f'checkpoint step {int(state.step)} was written by a different number of '
+             'processes: the model state is restored, the data stream restarts with a fresh '
+             f'shuffle (seed {config.data.shuffle_seed} + {int(state.step)})')
+      data_iterator = make_data(config.data.shuffle_seed + int(state.step))
+    if state is None:
+      state = state_lib.create_state(model, optimizer, mesh, rules,
+                                     jax.random.PRNGKey(train_config.seed))
+      if train_config.init_from_hf:
+        state = _start_from_hf(state, state_shardings, config)
+    run_config.save(config, workdir, write=jax.process_index() == 0)  # started: now it is true
+    start_step = int(state.step)
+    if start_step >= train_config.num_steps:
+      _print(f'{workdir}: checkpoint step {start_step} already reaches train.num_steps='
+             f'{train_config.num_steps}; nothing to train (raise --config.train.num_steps to '
+             'continue)')
+      return {}
+    return _loop(config, workdir, manager, state, data_iterator, model, optimizer, schedule,
+                 mesh, rules, state_shardings, batch_sharding, replicated)
+  finally:
+    _close(manager)
 
+
+def _close(manager):
+  """Waits for the save in flight and closes; an error here only matters if none is raised."""
+  failing = sys.exc_info()[0] is not None
+  try:
+    manager.close()
+  except Exception:  # noqa: BLE001
+    if not failing:
+      raise
+
+
+def _loop(config, workdir, manager, state, data_iterator, model, optimizer, schedule, mesh,
+          rules, state_shardings, batch_sharding, replicated):
+  train_config = config.train
+  start_step = int(state.step)
   train_fn = jax.jit(
       functools.partial(step_lib.train_step, model=model, optimizer=optimizer,
                         schedule=schedule, grad_accum_steps=train_config.grad_accum_steps),
@@ -137,7 +225,7 @@ def train(config, workdir):
   tokens_per_step = train_config.global_batch_size * config.data.seq_len
   flops_per_step = flops.train_flops_per_token(config.model, config.data.seq_len) * tokens_per_step
   peak = flops.peak_tflops(jax.devices()[0].device_kind)
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(workdir, start_step)
   preemption = _Preemption(manager)
   progress = tqdm(total=train_config.num_steps, initial=start_step, desc='train',
                   disable=not sys.stderr.isatty() or jax.process_index() != 0)
@@ -153,6 +241,7 @@ def train(config, workdir):
         summed_steps += 1
         global_step = step + 1
         progress.update(1)
+        checkpoint.save_failed(manager)  # a failed asynchronous save stops the run here
         if interval_start is None:  # the first step compiles; time from its end
           jax.block_until_ready(metrics)
           interval_start, interval_steps = time.perf_counter(), 0
@@ -161,6 +250,11 @@ def train(config, workdir):
         if global_step % train_config.log_every == 0 or global_step == train_config.num_steps:
           metrics = {name: value / summed_steps for name, value in
                      jax.device_get(interval_sums).items()}  # means over the interval
+          if not all(np.isfinite(metrics[name]) for name in ('loss', 'grad_norm')):
+            raise RunError(f'step {global_step}: the loss ({metrics["loss"]}) or gradient norm '
+                           f'({metrics["grad_norm"]}) of steps {global_step - summed_steps + 1}'
+                           f'-{global_step} is not finite; training stopped without saving. '
+                           + _resume_hint(manager))
           metrics['learning_rate'] = float(schedule(step))
           interval_sums, summed_steps = None, 0
           if interval_steps:
@@ -181,18 +275,23 @@ def train(config, workdir):
         preempted = preemption.reached(global_step)
         if (global_step % train_config.checkpoint_every == 0 or preempted
             or global_step == train_config.num_steps):
+          _check_finite(state, global_step, manager)
           checkpoint.save(manager, global_step, state, data_iterator, force=True)
         if preempted:
           _report(progress, global_step, train_config.num_steps,
                   {'preempted_checkpoint_step': global_step})
           break
+      checkpoint.finish(manager)  # the last save is committed, or RunError
   finally:
-    manager.wait_until_finished()
-    manager.close()
     preemption.restore()
     progress.close()
     writer.close()
   return last
+
+
+def _print(message):
+  if jax.process_index() == 0:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _report(progress, step, num_steps, metrics):

@@ -32,6 +32,22 @@ def _from_plain(value):
   return value
 
 
+def _upgrade(plain):
+  """A config.json written before model.flavor and data.mask_eod_input existed -> today's keys.
+
+  Such runs are the `paper` flavor with per-document attention; their `data.mask_eod_target`
+  (loss masked where the TARGET is EOD) is replaced by today's Megatron semantics.
+  """
+  if 'model' in plain:
+    plain['model'].setdefault('flavor', 'paper')
+  data = plain.get('data')
+  if data is not None and 'mask_eod_target' in data:
+    del data['mask_eod_target']
+    data.setdefault('mask_eod_input', True)
+    data.setdefault('attention_per_document', True)
+  return plain
+
+
 def _differences(saved, current, prefix):
   """Dotted names whose values differ between two plain dicts."""
   names = []
@@ -55,7 +71,7 @@ def save(config, workdir, write=True):
   plain = _to_plain(config)
   if os.path.exists(path):
     with open(path) as f:
-      saved = json.load(f)
+      saved = _upgrade(json.load(f))
     changed = _differences(saved.get('model', {}), plain['model'], 'model')
     if changed:
       raise ValueError(f'{path} was written for a different model; use a new --workdir or '
@@ -80,4 +96,4 @@ def load(workdir):
       plain = json.load(f)
     except json.JSONDecodeError as error:
       raise ValueError(f'{path} is not valid JSON: {error}') from error
-  return ml_collections.ConfigDict(_from_plain(plain))
+  return ml_collections.ConfigDict(_from_plain(_upgrade(plain)))

@@ -83,6 +83,7 @@ class Attention(nn.Module):
   With `cache` (one layer's (key, value), see `init_kv_cache`) the step's keys and values are
   written at the slots `positions` (contiguous per row), the queries attend over the whole
   cache, and the call returns (output, updated cache); `segment_ids` is then unused.
+  `out_std` (default `std`) initialises the output projection `o`.
   """
   num_heads: int
   num_kv_heads: int
@@ -93,6 +94,7 @@ class Attention(nn.Module):
   std: float
   dtype: jnp.dtype
   param_dtype: jnp.dtype
+  out_std: float | None = None
 
   @nn.compact
   def __call__(self, x, positions, segment_ids, cache=None):
@@ -127,5 +129,6 @@ class Attention(nn.Module):
                _write_slots(cache[1], v, positions[:, 0]))
       out = _attend_cache(q, cache, positions, self.dtype)
     out = out.reshape(batch, seq, self.num_heads, self.head_dim)
-    out = Dense(x.shape[-1], ('heads', 'head_dim', 'embed'), in_axes=2, name='o', **kw)(out)
+    out_kw = dict(kw, std=self.std if self.out_std is None else self.out_std)
+    out = Dense(x.shape[-1], ('heads', 'head_dim', 'embed'), in_axes=2, name='o', **out_kw)(out)
     return out if cache is None else (out, cache)

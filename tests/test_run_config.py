@@ -49,3 +49,16 @@ def test_missing_and_corrupt_files_name_the_path(tmp_path):
   (tmp_path / 'config.json').write_text('{"model": ')
   with pytest.raises(ValueError, match='config.json is not valid JSON'):
     run_config.load(str(tmp_path))
+
+
+def test_a_config_written_before_flavors_loads_as_the_paper_flavor(tmp_path):
+  """Workdirs of earlier runs: no model.flavor, data.mask_eod_target (the old EOD loss)."""
+  plain = json.loads(json.dumps(quickstart.get_config().to_dict()))
+  del plain['model']['flavor'], plain['data']['mask_eod_input']
+  del plain['data']['attention_per_document']
+  plain['data']['mask_eod_target'] = True
+  (tmp_path / 'config.json').write_text(json.dumps(plain))
+  loaded = validate(run_config.load(str(tmp_path)))
+  assert loaded.model.flavor == 'paper' and 'mask_eod_target' not in loaded.data
+  assert loaded.data.mask_eod_input and loaded.data.attention_per_document
+  run_config.save(quickstart.get_config(), str(tmp_path))  # a resume is the same model

@@ -17,7 +17,7 @@ from meki_jax import decode, run_config
 from meki_jax.config import validate
 from meki_jax.data.pipeline import make_eval_dataset
 from meki_jax.eval.end_of_document import end_of_document_report
-from meki_jax.generate import load_params
+from meki_jax.eval.scoring import restore_params
 from meki_jax.model.transformer import build_model
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir (its latest checkpoint).',
@@ -31,7 +31,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
   config = validate(run_config.load(_WORKDIR.value))
-  params = load_params(config, _WORKDIR.value)
+  params, _ = restore_params(config, _WORKDIR.value)
   model = build_model(config.model)
   forward = jax.jit(lambda inputs, positions, segments: model.apply(
       {'params': params}, inputs, positions, segments))

@@ -31,6 +31,9 @@ def model_config(*, num_layers, d_model, num_heads, num_kv_heads, d_ff, d_mem):
       norm_eps=1e-6,
       qk_norm=True,
       init_std=0.014,
+      # paper: spec sections 1-2 (the default); authors_release: the network the authors'
+      # released Megatron code trains (spec section 6a); set it with `:flavor=` (apply_arguments).
+      flavor='paper',
       dtype='bfloat16',  # activations; parameters stay in param_dtype
       param_dtype='float32',
       remat_policy='mlp',  # none | mlp | full; 'mlp' = the recipe's selective recompute
@@ -80,7 +83,12 @@ def get_config(arg=None):
       train_sources=(dict(path='embedded:python-stdlib', weight=1.0),),
       eval_sources=(),  # empty: hold out eval_fraction of train_sources' documents
       eval_fraction=0.01,
-      mask_eod_target=True,  # spec section 6: no loss where the target is end-of-document
+      # Megatron's --eod-mask-loss (spec section 6): no loss where the INPUT is end-of-document;
+      # a document's final EOD is a target, so the model learns to end documents.
+      mask_eod_input=True,
+      # True: attention masked per document; False: causal over the whole packed row with
+      # positions still reset per document (the authors' released code, spec 6a point 6).
+      attention_per_document=True,
       shuffle_seed=0,
       num_workers=0,  # grain worker processes; 0 = read in the main process
       prefetch_buffer=16,
@@ -132,21 +140,41 @@ def get_config(arg=None):
 
 
 VARIANT_KEYS = {'memory': str, 'fusion': str, 'position': str, 'projection': str, 'd_mem': int}
+ARGUMENT_KEYS = ('flavor',) + tuple(VARIANT_KEYS)
 
 
-def apply_variant(meki, arg):
-  """Applies 'key=value,key=value' (keys of VARIANT_KEYS) from a config argument to `meki`.
+def apply_flavor(config, flavor):
+  """Sets `config.model.flavor` and what the flavor implies elsewhere in the config.
 
-  `configs/meki_0p6b.py:memory=static` is the static-only ablation of spec Table 3;
-  validation of the values happens in meki_jax.config.
+  authors_release (spec section 6a) also turns off the q/k RMSNorm (point 4) and the
+  per-document attention mask (point 6: causal over the packed row, positions still reset);
+  either can be set back from the command line afterwards. Validation names a bad flavor.
+  """
+  config.model.flavor = flavor
+  release = flavor == 'authors_release'
+  config.model.qk_norm = not release
+  if 'data' in config:
+    config.data.attention_per_document = not release
+  return config
+
+
+def apply_arguments(config, arg, keys=ARGUMENT_KEYS):
+  """Applies a config argument 'key=value,key=value' (keys from `keys`) to `config`.
+
+  `configs/meki_1p7b.py:flavor=authors_release` trains the authors' released network;
+  `configs/meki_0p6b.py:memory=static` is the static-only ablation of spec Table 3 (the keys of
+  VARIANT_KEYS set `config.model.meki`). Validation of the values happens in meki_jax.config.
   """
   if not arg:
-    return meki
+    return config
   for item in arg.split(','):
     key, sep, value = item.partition('=')
-    if not sep or key not in VARIANT_KEYS:
+    if not sep or key not in keys:
       raise ValueError(f'config argument {item!r}: expected key=value with key in '
-                       f'{sorted(VARIANT_KEYS)}')
-    meki[key] = VARIANT_KEYS[key](value)
-  meki.enabled = meki.d_mem > 0
-  return meki
+                       f'{sorted(keys)}')
+    if key == 'flavor':
+      apply_flavor(config, value)
+    else:
+      config.model.meki[key] = VARIANT_KEYS[key](value)
+  config.model.meki.enabled = config.model.meki.d_mem > 0
+  return config

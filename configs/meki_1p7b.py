@@ -1,7 +1,8 @@
 """MeKi-1.7B (spec Table 5) trained with the recipe of spec section 6.
 
 `--config=configs/meki_1p7b.py:memory=static,d_mem=96` selects a variant (spec section 4;
-keys: memory, fusion, position, projection, d_mem)."""
+keys: memory, fusion, position, projection, d_mem), `:flavor=authors_release` the network of the
+authors' released code (spec section 6a; default flavor=paper)."""
 
 from configs import base
 
@@ -11,5 +12,5 @@ def get_config(arg=None):
   config.model = base.model_config(
       num_layers=28, d_model=2048, num_heads=16, num_kv_heads=8,
       d_ff=6144, d_mem=256)
-  base.apply_variant(config.model.meki, arg)
+  base.apply_arguments(config, arg)
   return config

@@ -14,7 +14,7 @@ def get_config(arg=None):
   config.model.head_dim = 24
   config.model.dtype = 'float32'  # CPUs have no fast bf16 matmuls
   config.model.remat_policy = 'none'
-  base.apply_variant(config.model.meki, arg)
+  base.apply_arguments(config, arg)
   config.data.seq_len = 128
   config.train.num_steps = 120
   config.train.global_batch_size = 8

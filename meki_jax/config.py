@@ -2,7 +2,7 @@
 
 from meki_jax.model.attention import ATTENTION_IMPLEMENTATIONS
 from meki_jax.model.engram import hash_moduli
-from meki_jax.model.meki import FUSIONS, MEMORIES, POSITIONS, PROJECTIONS
+from meki_jax.model.meki import FLAVORS, FUSIONS, MEMORIES, POSITIONS, PROJECTIONS
 from meki_jax.model.transformer import REMAT_POLICIES
 
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -85,6 +85,7 @@ def validate_model(model):
   _require(isinstance(model.loss_chunk_len, int) and model.loss_chunk_len >= 0,
            f'model.loss_chunk_len={model.loss_chunk_len!r} must be an integer >= 0 '
            '(0 = the whole sequence)')
+  _choice('model', 'flavor', model.get('flavor', 'paper'), FLAVORS)
   meki = model.meki
   _require(isinstance(meki.d_mem, int) and meki.d_mem >= 0,
            f'model.meki.d_mem={meki.d_mem!r} must be an integer >= 0 (0 = dense baseline)')
@@ -94,6 +95,13 @@ def validate_model(model):
   _choice('model.meki', 'projection', meki.projection, PROJECTIONS)
   _require(meki.projection == 'linear' or meki.memory == 'static' or model.d_model % 2 == 0,
            f'model.d_model={model.d_model} must be even for the SwiGLU projection (d -> d/2)')
+  if model.get('flavor', 'paper') == 'authors_release':  # spec section 6a
+    _require(not model.qk_norm, 'model.flavor=authors_release has no q/k RMSNorm (spec 6a point '
+             '4) but model.qk_norm=True; select the flavor with the config argument '
+             '`:flavor=authors_release`, which sets both')
+    _require(not meki.enabled or meki.position == 'parallel_ffn',
+             f'model.flavor=authors_release: model.meki.position={meki.position!r}, but the '
+             "authors' released code has the MeKi branch parallel to the FFN only ('parallel_ffn')")
   if 'ple' in model:
     _validate_ple(model)
   if 'engram' in model:
@@ -122,6 +130,11 @@ def validate(config):
   """Checks a whole run config (model, data, train, optim); returns it unchanged."""
   validate_model(config.model)
   if 'data' in config:
+    _require('mask_eod_target' not in config.data,
+             f'data.mask_eod_target={config.data.get("mask_eod_target")!r} was removed: it took '
+             'the loss off the EOD targets, so models never learned to end a document. Use '
+             'data.mask_eod_input (default True, Megatron\'s --eod-mask-loss: no loss where the '
+             'INPUT is EOD; spec section 6)')
     _positive('data', 'seq_len', config.data.seq_len)
     seq_len, model = config.data.seq_len, config.model
     for name in ('attention_block', 'loss_chunk_len'):

@@ -67,7 +67,8 @@ def load_params(config, workdir, step=None):
     raise FileNotFoundError(f'{workdir} has no checkpoints/ directory: train with '
                             f'python -m meki_jax.train --workdir={workdir} first')
   model = build_model(config.model)
-  optimizer = optim.make_optimizer(config.optim, config.train.num_steps)
+  optimizer = optim.make_optimizer(config.optim, config.train.num_steps,
+                                   config.model.get('flavor', 'paper'))
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape((1,) * len(MESH_AXES)), MESH_AXES)
   abstract, shardings = state_lib.state_shardings(model, optimizer, mesh, axis_rules(config.mesh))
   manager = checkpoint.checkpoint_manager(workdir, config.train)

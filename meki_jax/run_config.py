@@ -42,6 +42,25 @@ IMPLEMENTATION_FIELDS = ('model.remat_policy', 'model.attention', 'model.attenti
 ADDED_MODEL_DEFAULTS = dict(attention='auto', attention_block=512, loss_chunk_len=256)
 
 
+def _upgrade(plain):
+  """A config.json written before model.flavor, data.mask_eod_input and the attention and loss
+  fields existed -> today's keys (ADDED_MODEL_DEFAULTS for the latter).
+
+  Such runs are the `paper` flavor with per-document attention; their `data.mask_eod_target`
+  (loss masked where the TARGET is EOD) is replaced by today's Megatron semantics.
+  """
+  if 'model' in plain:
+    plain['model'].setdefault('flavor', 'paper')
+    for key, value in ADDED_MODEL_DEFAULTS.items():
+      plain['model'].setdefault(key, value)
+  data = plain.get('data')
+  if data is not None and 'mask_eod_target' in data:
+    del data['mask_eod_target']
+    data.setdefault('mask_eod_input', True)
+    data.setdefault('attention_per_document', True)
+  return plain
+
+
 def _differences(saved, current, prefix):
   """Dotted names whose values differ between two plain dicts (IMPLEMENTATION_FIELDS aside)."""
   names = []
@@ -65,7 +84,7 @@ def check(config, workdir):
     return
   with open(path) as f:
     try:
-      saved = json.load(f)
+      saved = _upgrade(json.load(f))
     except json.JSONDecodeError as error:
       raise ValueError(f'{path} is not valid JSON: {error}') from error
   changed = _differences(saved.get('model', {}), _to_plain(config)['model'], 'model')
@@ -100,6 +119,4 @@ def load(workdir):
       plain = json.load(f)
     except json.JSONDecodeError as error:
       raise ValueError(f'{path} is not valid JSON: {error}') from error
-  for key, value in ADDED_MODEL_DEFAULTS.items():
-    plain.get('model', {}).setdefault(key, value)
-  return ml_collections.ConfigDict(_from_plain(plain))
+  return ml_collections.ConfigDict(_from_plain(_upgrade(plain)))

@@ -80,6 +80,48 @@ def test_variant_argument_sets_meki_fields_and_rejects_unknown_keys():
     meki_0p6b.get_config('size=3')
 
 
+@pytest.mark.parametrize('name', ['meki_0p6b', 'meki_1p7b', 'meki_4b', 'dense_0p6b', 'dense_1p7b',
+                                  'dense_4b', 'quickstart'])
+def test_every_paper_size_config_takes_the_flavor(name):
+  module = importlib.import_module(f'configs.{name}')
+  paper, release = module.get_config(), validate(module.get_config('flavor=authors_release'))
+  assert (paper.model.flavor, paper.model.qk_norm, paper.data.attention_per_document) == (
+      'paper', True, True)
+  assert (release.model.flavor, release.model.qk_norm, release.data.attention_per_document) == (
+      'authors_release', False, False)
+  assert release.data.mask_eod_input and paper.data.mask_eod_input  # every config, both flavors
+  with pytest.raises(ConfigError, match="model.flavor='megatron' is not one of"):
+    validate(module.get_config('flavor=megatron'))
+
+
+def test_dense_configs_take_only_the_flavor():
+  from configs import dense_0p6b
+  with pytest.raises(ValueError, match="'d_mem=96'"):
+    dense_0p6b.get_config('d_mem=96')
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('model.qk_norm', True, 'model.flavor=authors_release has no q/k RMSNorm'),
+    ('model.meki.position', 'after_ffn', "model.meki.position='after_ffn', but the authors'"),
+])
+def test_release_flavor_fails_naming_what_it_lacks(field, value, message):
+  from configs import meki_0p6b
+  config = meki_0p6b.get_config('flavor=authors_release')
+  section, leaf = field.rsplit('.', 1)
+  (config.model if section == 'model' else config.model.meki)[leaf] = value
+  with pytest.raises(ConfigError, match=message):
+    validate(config)
+
+
+def test_the_removed_eod_target_switch_fails_with_its_replacement():
+  config = base.get_config()
+  with config.unlocked():
+    config.data.mask_eod_target = True
+  with pytest.raises(ConfigError, match=r'data.mask_eod_target=True was removed.*'
+                     r'data.mask_eod_input'):
+    validate(config)
+
+
 def test_token_id_out_of_range_names_the_id_and_its_index():
   with pytest.raises(ValueError, match=r'prompt: token id 151680 at index \(0, 2\)'):
     check_token_ids([[1, 2, 151_680]], 151_680, where='prompt')

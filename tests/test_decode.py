@@ -45,10 +45,15 @@ def _decoder(config, params, folded=False):
 PROMPTS = [[5, 17, 3, 88, 41], [9, 2, 60, 33, 71, 12, 8, 50], [77]]
 
 
-@pytest.mark.parametrize('meki', [dict(), dict(d_mem=0)], ids=['meki', 'dense'])
-def test_cached_steps_give_the_full_forward_logits(tiny_model_config, meki):
+RELEASE = dict(flavor='authors_release', qk_norm=False)
+
+
+@pytest.mark.parametrize('meki, flavor', [(dict(), {}), (dict(d_mem=0), {}), (dict(), RELEASE),
+                                          (dict(d_mem=0), RELEASE)],
+                         ids=['meki', 'dense', 'meki-authors_release', 'dense-authors_release'])
+def test_cached_steps_give_the_full_forward_logits(tiny_model_config, meki, flavor):
   """Rows of different lengths, a chunked prefill, then teacher-forced single-token steps."""
-  config = tiny_model_config(meki=meki)
+  config = tiny_model_config(meki=meki, **flavor)
   params = _params(config)
   sequences = np.array(jax.random.randint(jax.random.PRNGKey(3), (len(PROMPTS), 14), 0,
                                           config.vocab_size))
@@ -73,8 +78,9 @@ def test_cached_steps_give_the_full_forward_logits(tiny_model_config, meki):
     positions = positions + 1
 
 
-def test_folded_and_training_forms_generate_the_same_greedy_tokens(tiny_model_config):
-  config = tiny_model_config()
+@pytest.mark.parametrize('flavor', [{}, RELEASE], ids=['paper', 'authors_release'])
+def test_folded_and_training_forms_generate_the_same_greedy_tokens(tiny_model_config, flavor):
+  config = tiny_model_config(**flavor)
   params = _params(config)
   training = decode.generate(*_decoder(config, params), PROMPTS, max_new_tokens=10)
   folded = decode.generate(*_decoder(config, fold_params(params, config), folded=True), PROMPTS,

@@ -43,6 +43,27 @@ def test_folded_logits_equal_training_logits(tiny_model_config, variant):
   assert error <= RELATIVE_TOL, f'relative error {error:.2e}'
 
 
+def test_authors_release_fold_absorbs_the_projection_norm(tiny_model_config):
+  """authors_release (spec 6a): G's input RMSNorm with its learned gain on E[x] is folded into
+  M~ with the rest of (1)-(3), exactly; the folded model keeps no trace of it."""
+  config = tiny_model_config(flavor='authors_release', qk_norm=False)
+  token_ids = jax.random.randint(jax.random.PRNGKey(2), (2, 9), 0, config.vocab_size)
+  params = _trained_like_params(build_model(config), token_ids)
+  gain = np.random.default_rng(0).uniform(0.5, 2.0, (2, 32)).astype(np.float32)  # [L, d_model]
+  params['layers']['meki']['memory']['projection_norm']['scale'] = gain
+  logits = build_model(config).apply({'params': params}, token_ids)
+  folded = fold_params(params, config, chunk_rows=40)
+  assert 'memory' not in folded['layers']['meki']
+  folded_logits = build_model(config, folded=True).apply({'params': folded}, token_ids)
+  error = np.abs(folded_logits - logits).max() / np.abs(logits).max()
+  assert error <= RELATIVE_TOL, f'relative error {error:.2e}'
+  # Without the gain the fold is a different table: the test sees the norm.
+  params['layers']['meki']['memory']['projection_norm']['scale'] = np.ones_like(gain)
+  other = build_model(config, folded=True).apply({'params': fold_params(params, config)},
+                                                 token_ids)
+  assert np.abs(other - folded_logits).max() > 100 * RELATIVE_TOL * np.abs(logits).max()
+
+
 def test_fold_removes_training_only_parameters(tiny_model_config):
   config = tiny_model_config()
   token_ids = np.zeros((1, 3), np.int32)

@@ -66,3 +66,16 @@ def test_implementation_fields_may_change_and_old_files_get_their_defaults(tmp_p
   loaded = validate(run_config.load(str(tmp_path)))
   assert (loaded.model.attention, loaded.model.attention_block, loaded.model.loss_chunk_len) == (
       'auto', 512, 256)
+
+
+def test_a_config_written_before_flavors_loads_as_the_paper_flavor(tmp_path):
+  """Workdirs of earlier runs: no model.flavor, data.mask_eod_target (the old EOD loss)."""
+  plain = json.loads(json.dumps(quickstart.get_config().to_dict()))
+  del plain['model']['flavor'], plain['data']['mask_eod_input']
+  del plain['data']['attention_per_document']
+  plain['data']['mask_eod_target'] = True
+  (tmp_path / 'config.json').write_text(json.dumps(plain))
+  loaded = validate(run_config.load(str(tmp_path)))
+  assert loaded.model.flavor == 'paper' and 'mask_eod_target' not in loaded.data
+  assert loaded.data.mask_eod_input and loaded.data.attention_per_document
+  run_config.save(quickstart.get_config(), str(tmp_path))  # a resume is the same model

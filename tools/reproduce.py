@@ -1,12 +1,14 @@
 """The small-scale reproduction: dense vs MeKi vs PLE vs Engram vs MeKi's ablations, on CPU.
 
   python tools/reproduce.py --out=runs/repro [--variants=dense,meki,...] [--steps=N] [--eval_every=50]
+      [--flavor=paper|authors_release]
 
 Trains every variant of configs/repro.py (same backbone, same data order, same number of
 tokens) in its own process into <out>/<variant>, then prints a markdown table (parameters, final
 validation loss, difference to dense, minutes) and plots the validation-loss curves to
 <out>/eval_loss.png. A variant whose workdir already holds a finished run is not retrained, so an
-interrupted reproduction continues where it stopped.
+interrupted reproduction continues where it stopped. `--flavor=authors_release` trains every
+variant as the network of the authors' released code (spec section 6a); use its own --out.
 """
 
 import argparse
@@ -18,6 +20,11 @@ import time
 from configs import repro
 from meki_jax.param_count import count_params
 from meki_jax.train.metrics import read_metrics
+
+
+def variant_arg(variant, flavor):
+  """The configs/repro.py argument of a variant under a model flavor."""
+  return variant if flavor == 'paper' else f'{variant},flavor={flavor}'
 
 
 def train_variant(variant, workdir, steps, eval_every):
@@ -38,20 +45,22 @@ def main():
   parser.add_argument('--variants', default=','.join(repro.VARIANTS))
   parser.add_argument('--steps', type=int, default=repro.get_config().train.num_steps)
   parser.add_argument('--eval_every', type=int, default=50)
+  parser.add_argument('--flavor', default='paper', choices=('paper', 'authors_release'))
   args = parser.parse_args()
   variants = args.variants.split(',')
   rows, finals = [], {}
   for variant in variants:
     workdir = os.path.join(args.out, variant)
-    minutes = train_variant(variant, workdir, args.steps, args.eval_every)
-    config = repro.get_config(variant)
+    minutes = train_variant(variant_arg(variant, args.flavor), workdir, args.steps,
+                            args.eval_every)
+    config = repro.get_config(variant_arg(variant, args.flavor))
     counts = count_params(config.model)
     evals = {r['step']: r['eval_loss'] for r in read_metrics(workdir) if 'eval_loss' in r}
     finals[variant] = evals[max(evals)]
     rows.append((variant, counts, evals, minutes))
   tokens = args.steps * config.train.global_batch_size * config.data.seq_len
-  print(f'\n{args.steps} steps x {config.train.global_batch_size} x {config.data.seq_len} = '
-        f'{tokens:,} training tokens per run')
+  print(f'\nflavor {args.flavor}: {args.steps} steps x {config.train.global_batch_size} x '
+        f'{config.data.seq_len} = {tokens:,} training tokens per run')
   print('| variant | RAM | ROM | training total | eval loss (first -> last) | vs dense | minutes |')
   print('|---|---|---|---|---|---|---|')
   for variant, counts, evals, minutes in rows:
@@ -62,7 +71,8 @@ def main():
   subprocess.run([sys.executable, 'tools/plot_curves.py',
                   *[f'{v}={os.path.join(args.out, v)}' for v in variants],
                   '--out', os.path.join(args.out, 'eval_loss.png'),
-                  '--title', f'validation loss, {tokens:,} tokens per run'], check=True)
+                  '--title', f'validation loss ({args.flavor}), {tokens:,} tokens per run'],
+                 check=True)
 
 
 if __name__ == '__main__':

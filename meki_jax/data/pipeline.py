@@ -11,8 +11,14 @@ Mixture weights (data.train_sources' `weight`) are shares of documents, not of t
 
 Batches are dicts of numpy arrays [per_process_batch, seq_len]:
   inputs, targets (int32), segment_ids, positions (int32), loss_mask (float32).
-loss_mask is 0 on padding and, with data.mask_eod_target (spec section 6), where the target
-is the end-of-document token.
+loss_mask is 0 on padding and, with data.mask_eod_input (Megatron's --eod-mask-loss, spec
+section 6), where the INPUT is the end-of-document token. The EOD that ends a document is a
+target (the model learns to end a document) and never an input, so the pair "EOD -> the next
+document's first token" that --eod-mask-loss removes is never formed; the switch masks the EOD
+tokens that occur inside a document (e.g. a Megatron corpus whose documents hold several).
+With data.attention_per_document=False (the authors' released code, spec section 6a point 6)
+segment_ids are 1 on every token of a row (0 on padding), so attention is causal across the
+documents of a row while positions still restart per document.
 """
 
 import grain
@@ -102,13 +108,16 @@ def _pad_rows(packed, batch_size):
           for key, value in packed.items()}
 
 
-def _make_batch(packed, eod_id, mask_eod_target):
-  loss_mask = packed['inputs_segment_ids'] > 0
-  if mask_eod_target:
-    loss_mask &= packed['targets'] != eod_id
+def _make_batch(packed, eod_id, mask_eod_input, attention_per_document):
+  segment_ids = packed['inputs_segment_ids']
+  loss_mask = segment_ids > 0
+  if mask_eod_input:
+    loss_mask &= packed['inputs'] != eod_id
+  if not attention_per_document:
+    segment_ids = (segment_ids > 0).astype(segment_ids.dtype)  # one segment per row
   return {'inputs': packed['inputs'].astype(np.int32),
           'targets': packed['targets'].astype(np.int32),
-          'segment_ids': packed['inputs_segment_ids'].astype(np.int32),
+          'segment_ids': segment_ids.astype(np.int32),
           'positions': packed['inputs_positions'].astype(np.int32),
           'loss_mask': loss_mask.astype(np.float32)}
 
@@ -126,8 +135,9 @@ def _pack_and_batch(documents, data_config, batch_size, drop_remainder):
   packed = grain.experimental.ConcatThenSplitIterDataset(
       documents.to_iter_dataset(), length_struct={'inputs': seq_len, 'targets': seq_len})
   batches = packed.batch(batch_size, drop_remainder=drop_remainder)
-  return batches.map(lambda b: _make_batch(_pad_rows(b, batch_size), data_config.eod_id,
-                                           data_config.mask_eod_target))
+  switches = (int(data_config.eod_id), bool(data_config.mask_eod_input),
+              bool(data_config.attention_per_document))
+  return batches.map(lambda b: _make_batch(_pad_rows(b, batch_size), *switches))
 
 
 def make_train_dataset(data_config, *, global_batch_size, process_index=0, process_count=1,

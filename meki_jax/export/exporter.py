@@ -48,8 +48,9 @@ def restore_params(config, step_dir):
   cpu = jax.devices('cpu')[0]
   mesh = jax.sharding.Mesh(np.array([cpu]).reshape((1,) * len(MESH_AXES)), MESH_AXES)
   abstract, shardings = state_lib.state_shardings(
-      build_model(config.model), optim.make_optimizer(config.optim, config.train.num_steps),
-      mesh, axis_rules(config.mesh))
+      build_model(config.model),
+      optim.make_optimizer(config.optim, config.train.num_steps,
+                           config.model.get('flavor', 'paper')), mesh, axis_rules(config.mesh))
   target, target_shardings = {'params': abstract.params}, {'params': shardings.params}
   restore_args = jax.tree_util.tree_map(
       lambda leaf, sharding: ocp.ArrayRestoreArgs(sharding=sharding, global_shape=leaf.shape,

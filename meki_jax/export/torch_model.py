@@ -1,8 +1,9 @@
 """The folded MeKi inference graph in PyTorch, mirroring meki_jax/model (spec sections 1-3).
 
 A Qwen3 decoder (RMSNorm, GQA with RoPE in the rotate-half layout, optional q/k RMSNorm, SwiGLU,
-tied embeddings) whose MeKi branch takes the rows of the folded tables M~ as an input: the
-caller gathers them by token id outside the graph, the way a phone reads them from flash.
+tied embeddings; both model flavors, `paper` and `authors_release`) whose MeKi branch takes the
+rows of the folded tables M~ as an input: the caller gathers them by token id outside the graph,
+the way a phone reads them from flash.
 
 One forward serves prefill and decode. Shapes (b = batch, t = new tokens, S = cache slots,
 L = layers, m = d_mem):
@@ -26,6 +27,7 @@ FUSIONS = {  # (e, gate pre-activation) -> v; spec equation (5) and its variants
     'mul_silu': lambda e, g: e * nn.functional.silu(g),
 }
 POSITIONS = ('parallel_ffn', 'parallel_attention', 'after_attention', 'after_ffn')
+FLAVORS = ('paper', 'authors_release')
 
 
 def meki_enabled(config):
@@ -151,11 +153,16 @@ class DecoderLayer(nn.Module):
     self.post_attention_layernorm = RMSNorm(d, eps)
     self.mlp = SwiGLU(d, config['d_ff'])
     self.position = config['meki']['position'] if meki_enabled(config) else None
+    self.raw_gate_input = config.get('flavor', 'paper') == 'authors_release'
     if self.position is not None:
       self.meki = MekiBranch(config)
 
   def forward(self, x, positions, memory_rows, keys, values):
-    """x [b, t, d], memory_rows [b, t, m] or None -> (x, keys, values)."""
+    """x [b, t, d], memory_rows [b, t, m] or None -> (x, keys, values).
+
+    In the authors_release flavor (spec 6a point 1) the branch parallel to the FFN reads the
+    raw residual x, not the FFN's normalised input.
+    """
     attn_in = self.input_layernorm(x)
     attn, keys, values = self.self_attn(attn_in, positions, keys, values)
     x = x + attn
@@ -164,9 +171,9 @@ class DecoderLayer(nn.Module):
     elif self.position == 'after_attention':
       x = x + self.meki(self.meki.pre_norm(x), memory_rows)
     ffn_in = self.post_attention_layernorm(x)  # (7)
-    x = x + self.mlp(ffn_in)
-    if self.position == 'parallel_ffn':
-      x = x + self.meki(ffn_in, memory_rows)  # (8): H' = FFN(H) + MeKi(H) + A
+    residual, x = x, x + self.mlp(ffn_in)
+    if self.position == 'parallel_ffn':  # (8): H' = FFN(H) + MeKi(H) + A
+      x = x + self.meki(residual if self.raw_gate_input else ffn_in, memory_rows)
     elif self.position == 'after_ffn':
       x = x + self.meki(self.meki.pre_norm(x), memory_rows)
     return x, keys, values
@@ -191,6 +198,12 @@ class MekiForCausalLM(nn.Module):
                                  meki['fusion'] not in FUSIONS):
       raise ValueError(f"model.meki.position={meki['position']!r} / model.meki.fusion="
                        f"{meki['fusion']!r} is not one of {POSITIONS} / {tuple(FUSIONS)}")
+    flavor = config.get('flavor', 'paper')
+    if flavor not in FLAVORS or (flavor == 'authors_release' and meki_enabled(config) and
+                                 meki['position'] != 'parallel_ffn'):
+      raise ValueError(f"model.flavor={flavor!r} with model.meki.position={meki['position']!r}: "
+                       f"the flavor must be one of {FLAVORS}, authors_release with "
+                       "'parallel_ffn'")
     self.config = config
     self.uses_memory = meki_enabled(config)
     self.model = Backbone(config)

@@ -142,6 +142,7 @@ class Attention(nn.Module):
   Without a cache, `implementation` (ATTENTION_IMPLEMENTATIONS) attends, in blocks of
   `block` positions for 'blocked' and 'splash'. q/k/v after RoPE and the attention output are
   named 'query', 'key', 'value', 'context' for the remat policies (transformer.py).
+  `out_std` (default `std`) initialises the output projection `o`.
   """
   num_heads: int
   num_kv_heads: int
@@ -154,6 +155,7 @@ class Attention(nn.Module):
   param_dtype: jnp.dtype
   implementation: str = 'xla'
   block: int = 512
+  out_std: float | None = None
 
   @nn.compact
   def __call__(self, x, positions, segment_ids, cache=None):
@@ -189,5 +191,6 @@ class Attention(nn.Module):
                _write_slots(cache[1], v, positions[:, 0]))
       out = _attend_cache(q, cache, positions, self.dtype)
     out = out.reshape(batch, seq, self.num_heads, self.head_dim)
-    out = Dense(x.shape[-1], ('heads', 'head_dim', 'embed'), in_axes=2, name='o', **kw)(out)
+    out_kw = dict(kw, std=self.std if self.out_std is None else self.out_std)
+    out = Dense(x.shape[-1], ('heads', 'head_dim', 'embed'), in_axes=2, name='o', **out_kw)(out)
     return out if cache is None else (out, cache)

@@ -65,7 +65,8 @@ class SwiGLU(nn.Module):
   """down(silu(gate(x)) * up(x)): [..., d_in] -> [..., d_out] through `hidden` units.
 
   `in_axis`/`hidden_axis`/`out_axis` are logical names, so the same block serves the FFN
-  (embed -> mlp -> embed) and the MeKi projection G (embed -> mlp -> mem).
+  (embed -> mlp -> embed) and the MeKi projection G (embed -> mlp -> mem). `out_std` (default
+  `std`) initialises the down projection (Megatron's scaled init of output layers).
   """
   hidden: int
   out: int
@@ -75,15 +76,17 @@ class SwiGLU(nn.Module):
   std: float = 0.014
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  out_std: float | None = None
 
   @nn.compact
   def __call__(self, x):
-    dense = lambda features, axes, name: Dense(features, axes, std=self.std, dtype=self.dtype,
-                                               param_dtype=self.param_dtype, name=name)
-    gate = dense(self.hidden, (self.in_axis, self.hidden_axis), 'gate')(x)  # [..., hidden]
-    up = dense(self.hidden, (self.in_axis, self.hidden_axis), 'up')(x)  # [..., hidden]
+    dense = lambda features, axes, name, std: Dense(features, axes, std=std, dtype=self.dtype,
+                                                    param_dtype=self.param_dtype, name=name)
+    gate = dense(self.hidden, (self.in_axis, self.hidden_axis), 'gate', self.std)(x)
+    up = dense(self.hidden, (self.in_axis, self.hidden_axis), 'up', self.std)(x)  # [..., hidden]
     hidden = nn.silu(gate) * up  # not named: the 'mlp' remat policy recomputes it
-    return dense(self.out, (self.hidden_axis, self.out_axis), 'down')(hidden)  # [..., out]
+    out_std = self.std if self.out_std is None else self.out_std
+    return dense(self.out, (self.hidden_axis, self.out_axis), 'down', out_std)(hidden)
 
 
 def mesh_axes(logical_name):

@@ -1,5 +1,11 @@
 """The MeKi branch of one layer, spec section 2, equations (1)-(6), in training and folded form.
 
+Two flavors (`config.model.flavor`): `paper`, the equations of spec section 2, and
+`authors_release`, the network of the authors' released Megatron code (spec section 6a): G
+starts with an RMSNorm with a learned gain on E[x] (`projection_norm`, folded like the rest of
+(1)-(3)), G's down projection starts at std init_std / sqrt(2 L), and the gate reads the raw
+residual stream (set by the caller, transformer.DecoderLayer).
+
 Training form (`folded=False`):
     e = alpha * RMSNorm_mix(M[x] + beta * G(E[x]))        (1)-(3), submodule `memory`
 Folded form (`folded=True`), spec section 3:
@@ -8,6 +14,8 @@ Both continue with
     v = fuse(e, W_gate h)                                  (4)-(5)
     y = RMSNorm_post(W_out v)                              (6)
 """
+
+import math
 
 import flax.linen as nn
 import jax
@@ -24,6 +32,22 @@ FUSIONS = {  # (e, gate pre-activation) -> v; 'add_sigmoid' is equation (5)
 }
 POSITIONS = ('parallel_ffn', 'parallel_attention', 'after_attention', 'after_ffn')
 PROJECTIONS = ('swiglu', 'linear')
+FLAVORS = ('paper', 'authors_release')
+
+
+def authors_release(model_config):
+  """Whether a config.model is the `authors_release` flavor (configs without one are `paper`)."""
+  return model_config.get('flavor', 'paper') == 'authors_release'
+
+
+def output_init_std(model_config):
+  """The init std of output projections (attention `o`, FFN and G `down`).
+
+  authors_release: Megatron's scaled init, init_std / sqrt(2 num_layers); paper: init_std.
+  """
+  if authors_release(model_config):
+    return model_config.init_std / math.sqrt(2 * model_config.num_layers)
+  return model_config.init_std
 
 
 def gather_rows(table, token_ids):
@@ -35,7 +59,8 @@ def gather_rows(table, token_ids):
 class MemoryMix(nn.Module):
   """Equations (1)-(3): the training-time memory vector e of one layer.
 
-  Holds every parameter the fold removes: M (`memory_table`, [vocab, d_mem]), G (`projection`),
+  Holds every parameter the fold removes: M (`memory_table`, [vocab, d_mem]), G (`projection`,
+  and in the authors_release flavor its input RMSNorm `projection_norm` with a gain [d_model]),
   alpha, beta and the mix RMSNorm.
   """
   config: object  # FrozenConfigDict of config.model
@@ -49,10 +74,13 @@ class MemoryMix(nn.Module):
     if self.uses_static:
       self.memory_table = self.param('memory_table', normal_init(cfg.init_std, ('vocab', 'mem')),
                                      (cfg.vocab_size, meki.d_mem), dtypes['param_dtype'])
+    self.normed_projection = self.uses_dynamic and authors_release(cfg)
+    if self.normed_projection:  # Megatron's fused RMSNorm + first linear of G
+      self.projection_norm = RMSNorm(axis='embed', eps=cfg.norm_eps, **dtypes)
     if self.uses_dynamic:
       if meki.projection == 'swiglu':  # G: d -> d/2 -> d_mem
         self.projection = SwiGLU(hidden=cfg.d_model // 2, out=meki.d_mem, out_axis='mem',
-                                 std=cfg.init_std, **dtypes)
+                                 std=cfg.init_std, out_std=output_init_std(cfg), **dtypes)
       else:
         self.projection = Dense(meki.d_mem, ('embed', 'mem'), std=cfg.init_std, **dtypes)
       self.beta = self.param('beta', scalar, (), dtypes['param_dtype'])
@@ -70,6 +98,8 @@ class MemoryMix(nn.Module):
     if self.uses_static:
       total = static_rows.astype(self.mix_norm.dtype)  # (1)
     if self.uses_dynamic:
+      if self.normed_projection:
+        embed_rows = self.projection_norm(embed_rows)
       total = total + self.beta * self.projection(embed_rows)  # (2)
     return self.alpha * self.mix_norm(total)  # (3)
 

@@ -20,7 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 from meki_jax.model.attention import Attention
 from meki_jax.model.engram import EngramMemory, add_engram, engram_enabled, engram_slots
 from meki_jax.model.layers import RMSNorm, SwiGLU, lookup_rows, normal_init
-from meki_jax.model.meki import MekiBranch
+from meki_jax.model.meki import MekiBranch, authors_release, output_init_std
 from meki_jax.model.ple import PerLayerBranch, PerLayerInputs, ple_enabled
 
 # config.model.remat_policy -> what the backward pass keeps of each layer, besides its input
@@ -49,6 +49,8 @@ class DecoderLayer(nn.Module):
   `ple_input` ([batch, seq, d_ple], this layer's PLE input) adds the PLE branch after the FFN;
   `engram` (EngramMemory's output, with this layer's `engram_slot`, -1 for none) adds Engram
   before the attention.
+  In the authors_release flavor (spec 6a) the attention and FFN output projections start at
+  Megatron's scaled std and the MeKi gate reads the raw residual A instead of RMSNorm(A).
   """
   config: object
   folded: bool = False
@@ -60,6 +62,7 @@ class DecoderLayer(nn.Module):
     dtypes = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
     norm = lambda name: RMSNorm(axis='embed', eps=cfg.norm_eps, name=name, **dtypes)
     meki_position = cfg.meki.position if meki_enabled(cfg) else None
+    out_std = output_init_std(cfg)
 
     def meki(hidden):
       rows = memory_rows(hidden) if callable(memory_rows) else memory_rows
@@ -70,8 +73,8 @@ class DecoderLayer(nn.Module):
     attn_in = norm('pre_attn_norm')(x)
     attn = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta, cfg.qk_norm,
                      cfg.norm_eps, cfg.init_std, implementation=cfg.attention,
-                     block=cfg.attention_block, name='attn', **dtypes)(attn_in, positions,
-                                                                       segment_ids, cache)
+                     block=cfg.attention_block, name='attn', out_std=out_std, **dtypes)(
+                         attn_in, positions, segment_ids, cache)
     if cache is not None:
       attn, cache = attn
     attn = checkpoint_name(attn, 'attn_out')
@@ -83,10 +86,12 @@ class DecoderLayer(nn.Module):
     x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
 
     ffn_in = norm('pre_ffn_norm')(x)  # (7)
-    ffn = SwiGLU(hidden=cfg.d_ff, out=cfg.d_model, std=cfg.init_std, name='mlp', **dtypes)
-    x = x + ffn(ffn_in)
+    ffn = SwiGLU(hidden=cfg.d_ff, out=cfg.d_model, std=cfg.init_std, out_std=out_std,
+                 name='mlp', **dtypes)
+    residual, x = x, x + ffn(ffn_in)
     if meki_position == 'parallel_ffn':
-      x = x + meki(ffn_in)  # (8): H' = FFN(H) + MeKi(H) + A
+      # (8): H' = FFN(H) + MeKi(H) + A; authors_release: MeKi(A) (TE fuses the norm into the FFN)
+      x = x + meki(residual if authors_release(cfg) else ffn_in)
     elif meki_position == 'after_ffn':
       x = x + meki(norm('pre_meki_norm')(x))
     if ple_input is not None:

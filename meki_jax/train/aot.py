@@ -90,7 +90,8 @@ def compile_train_step(config, topology):
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.axis_rules(config.mesh)
   model = build_model(config.model)
-  optimizer = optim.make_optimizer(config.optim, config.train.num_steps)
+  optimizer = optim.make_optimizer(config.optim, config.train.num_steps,
+                                   config.model.get('flavor', 'paper'))
   schedule = optim.learning_rate_schedule(config.optim, config.train.num_steps)
   abstract, shardings = state_lib.state_shardings(model, optimizer, mesh, rules)
   abstract_state = jax.tree_util.tree_map(

@@ -14,12 +14,16 @@ Forward FLOPs per token:
                            + 2 * d * m + 2 * m * d       W_gate and W_out
                            = 2 d^2 + 5 d m for SwiGLU: twice the spec's "d^2 + (5/2) d m"
                              multiply-adds; the folded model keeps only the 4 d m of W_gate/W_out.
+                           + 4 * d                       authors_release: G's input RMSNorm with
+                                                         its gain (square, mean, normalise, gain);
+                                                         the other norms are not counted
   PLE (p = d_ple)            2 * d * L * p   (the embedding's projection to every layer's input)
                            + L * 4 * d * p   (each layer's gate d -> p and up-projection p -> d)
   Engram, per Engram layer   4 * E * d + 2 * d + 2 * k * d   (key and value E -> d with
                                E = orders * heads * head_width, the gate's dot, the k-tap conv)
 """
 
+from meki_jax.model.meki import authors_release
 from meki_jax.model.transformer import meki_enabled
 
 # Peak dense bf16 TFLOP/s per chip, for MFU (public spec sheets).
@@ -36,6 +40,8 @@ def meki_forward_flops_per_token(model_config):
   if model_config.meki.memory != 'static':
     projection = (2 * (d * (d // 2) * 2 + (d // 2) * m) if model_config.meki.projection == 'swiglu'
                   else 2 * d * m)
+    if authors_release(model_config):
+      projection += 4 * d  # G's input RMSNorm (spec 6a point 2)
   return model_config.num_layers * (projection + 4 * d * m)
 
 

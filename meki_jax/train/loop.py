@@ -161,7 +161,8 @@ def _train(config, workdir):
   schedule_steps = (train_config.num_steps if config.optim.schedule_steps == -1
                     else config.optim.schedule_steps)
   schedule = optim.learning_rate_schedule(config.optim, schedule_steps)
-  optimizer = optim.make_optimizer(config.optim, schedule_steps)
+  optimizer = optim.make_optimizer(config.optim, schedule_steps,
+                                   config.model.get('flavor', 'paper'))
   abstract_state, state_shardings = state_lib.state_shardings(model, optimizer, mesh, rules)
   batch_spec = nn.logical_to_mesh_axes(('batch', 'length'), rules)
   batch_sharding = NamedSharding(mesh, batch_spec)

@@ -3,14 +3,15 @@
 Weight decay skips parameters whose last path component is `scale` (RMSNorm gains), `alpha` or
 `beta` (MeKi's scalar magnitudes): decaying them pulls gains towards 0 rather than regularising
 a mapping, which shrinks activations instead of weights. Kernels, the embedding and the memory
-tables are decayed.
+tables are decayed. The authors_release flavor (spec 6a point 5) decays alpha and beta too:
+Megatron exempts only 1-D parameters (the gains), and its scalars are 0-D.
 """
 
 import jax
 import jax.numpy as jnp
 import optax
 
-NO_DECAY_NAMES = ('scale', 'alpha', 'beta')
+NO_DECAY_NAMES = {'paper': ('scale', 'alpha', 'beta'), 'authors_release': ('scale',)}
 
 
 def learning_rate_schedule(optim_config, num_steps):
@@ -29,19 +30,26 @@ def learning_rate_schedule(optim_config, num_steps):
   return schedule
 
 
-def decay_mask(params):
-  """True for leaves that get weight decay (see the module docstring)."""
+def decay_mask(params, flavor='paper'):
+  """True for leaves that get weight decay under a model flavor (see the module docstring)."""
+  if flavor not in NO_DECAY_NAMES:
+    raise ValueError(f'model.flavor={flavor!r} is not one of {tuple(NO_DECAY_NAMES)}')
   def decays(path, _):
     last = path[-1]
     name = getattr(last, 'key', getattr(last, 'name', str(last)))
-    return name not in NO_DECAY_NAMES
+    return name not in NO_DECAY_NAMES[flavor]
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(optim_config, num_steps):
-  """optax: clip_by_global_norm(clip_norm) then AdamW(schedule, b1, b2, eps, weight_decay)."""
+def make_optimizer(optim_config, num_steps, flavor='paper'):
+  """optax: clip_by_global_norm(clip_norm) then AdamW(schedule, b1, b2, eps, weight_decay).
+
+  `flavor` (config.model.flavor) selects the weight-decay mask; it shapes the optimizer state,
+  so a checkpoint restores only into the optimizer of its own flavor.
+  """
   return optax.chain(
       optax.clip_by_global_norm(optim_config.clip_norm),
       optax.adamw(learning_rate_schedule(optim_config, num_steps), b1=optim_config.b1,
                   b2=optim_config.b2, eps=optim_config.eps,
-                  weight_decay=optim_config.weight_decay, mask=decay_mask))
+                  weight_decay=optim_config.weight_decay,
+                  mask=lambda params: decay_mask(params, flavor)))

@@ -85,7 +85,7 @@ def _stream_documents(batches, documents):
   return numbers
 
 
-def _check_rows(batch, *, mask_eod_target=True):
+def _check_rows(batch, *, mask_eod_input=True):
   """Invariants of every packed row: segments, positions, consecutive pairs, loss mask."""
   assert set(batch) == {'inputs', 'targets', 'segment_ids', 'positions', 'loss_mask'}
   for row in range(batch['inputs'].shape[0]):
@@ -104,7 +104,7 @@ def _check_rows(batch, *, mask_eod_target=True):
       # Each target is the next input of the same document: the pairs are real.
       np.testing.assert_array_equal(targets[start:stop - 1], inputs[start + 1:stop])
     assert np.all(positions[~used] == 0)
-    expected_mask = used & (targets != EOD) if mask_eod_target else used
+    expected_mask = used & (inputs != EOD) if mask_eod_input else used
     np.testing.assert_array_equal(batch['loss_mask'][row], expected_mask.astype(np.float32))
 
 
@@ -150,21 +150,48 @@ def test_evaluation_stream_pads_only_its_tail(corpus):
     _check_rows(batch)
 
 
-@pytest.mark.parametrize('mask_eod_target', [True, False])
-def test_loss_mask_at_document_ends_and_padding(corpus, mask_eod_target):
+def test_loss_mask_at_document_ends_and_padding(corpus):
   pattern, documents = corpus
-  config = _data_config(('unused', 1.0), eval_sources=[dict(path=pattern)],
-                        mask_eod_target=mask_eod_target)
+  config = _data_config(('unused', 1.0), eval_sources=[dict(path=pattern)])
   batches = list(pipeline.make_eval_dataset(config, global_batch_size=GLOBAL_BATCH))
   mask = np.concatenate([b['loss_mask'].reshape(-1) for b in batches])
   targets = np.concatenate([b['targets'].reshape(-1) for b in batches])
   used = np.concatenate([b['segment_ids'].reshape(-1) for b in batches]) > 0
   assert (~used).sum() > 0 and not mask[~used].any()  # padding never counts
   assert (targets[used] == EOD).sum() == len(documents)  # one end per document
-  assert mask[used & (targets == EOD)].all() == (not mask_eod_target)
-  assert mask[used & (targets != EOD)].all()
+  assert mask[used].all()  # every document's EOD target is trained (Megatron --eod-mask-loss)
   for batch in batches:
-    _check_rows(batch, mask_eod_target=mask_eod_target)
+    _check_rows(batch)
+
+
+# One packed row, position by position: document A = [11, 12, 13, EOD] and document B =
+# [21, EOD, 22, 23, EOD], which holds an EOD inside it (as a Megatron corpus's documents can).
+ROW_INPUTS = [11, 12, 13, 21, EOD, 22, 23] + [0] * 9
+ROW_TARGETS = [12, 13, EOD, EOD, 22, 23, EOD] + [0] * 9
+ROW_POSITIONS = [0, 1, 2, 0, 1, 2, 3] + [0] * 9
+
+
+@pytest.mark.parametrize('mask_eod_input, attention_per_document, loss, segments', [
+    (True, True, [1, 1, 1, 1, 0, 1, 1], [1, 1, 1, 2, 2, 2, 2]),  # the default (paper)
+    (False, True, [1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 2, 2, 2, 2]),
+    (True, False, [1, 1, 1, 1, 0, 1, 1], [1, 1, 1, 1, 1, 1, 1]),  # authors_release
+])
+def test_which_positions_of_a_packed_row_carry_loss(tmp_path, mask_eod_input,
+                                                     attention_per_document, loss, segments):
+  with ShardWriter(str(tmp_path / 'docs.array_record')) as writer:
+    writer.write(np.array([11, 12, 13, EOD], np.int64))
+    writer.write(np.array([21, EOD, 22, 23, EOD], np.int64))
+  config = _data_config(('unused', 1.0), eval_sources=[dict(path=str(tmp_path / '*'))],
+                        mask_eod_input=mask_eod_input,
+                        attention_per_document=attention_per_document)
+  (batch,) = list(pipeline.make_eval_dataset(config, global_batch_size=1))
+  np.testing.assert_array_equal(batch['inputs'][0], ROW_INPUTS)
+  np.testing.assert_array_equal(batch['targets'][0], ROW_TARGETS)
+  np.testing.assert_array_equal(batch['positions'][0], ROW_POSITIONS)  # reset per document
+  np.testing.assert_array_equal(batch['segment_ids'][0], segments + [0] * 9)
+  # Each document's final EOD is a target with loss; only the prediction FROM an EOD input
+  # (its next token) is masked, as Megatron's --eod-mask-loss does; padding never counts.
+  np.testing.assert_array_equal(batch['loss_mask'][0], loss + [0] * 9)
 
 
 def test_two_processes_split_each_epoch_into_disjoint_halves(corpus):

@@ -165,11 +165,12 @@ def test_an_existing_device_export_is_kept_without_overwrite(exported, tmp_path)
   assert [p.name for p in out.iterdir()] == ['mine.txt']
 
 
-@pytest.mark.parametrize('dtype', ['float16', 'bfloat16'])
-def test_half_precision_tables_feed_the_programs(tiny_model_config, tmp_path, dtype):
+@pytest.mark.parametrize('dtype, flavor', [
+    ('float16', 'paper'), ('bfloat16', 'paper'), ('float16', 'authors_release')])
+def test_half_precision_tables_feed_the_programs(tiny_model_config, tmp_path, dtype, flavor):
   """Rows read in the table dtype go into the graph as they are; it computes in fp32 with them,
-  so it matches the JAX model fed the same rounded rows."""
-  config = tiny_model_config()
+  so it matches the JAX model fed the same rounded rows. Both model flavors (spec 6a)."""
+  config = tiny_model_config(flavor=flavor, qk_norm=flavor == 'paper')
   params = moved_params(config)
   exporter.export_folded(params, config, tmp_path / 'out', dtype=dtype)
   model, memory, _ = to_device.load_export(tmp_path / 'out')

@@ -47,7 +47,18 @@ def torch_twin(params, config):
 
 @pytest.mark.parametrize('variant', VARIANTS, ids=lambda v: '-'.join(map(str, v.values())))
 def test_prefill_then_decode_equals_the_jax_folded_model(tiny_model_config, variant):
-  config = tiny_model_config(meki=variant)
+  _check_prefill_then_decode(tiny_model_config(meki=variant))
+
+
+@pytest.mark.parametrize('variant', [FAST_VARIANTS[0], dict(enabled=False)],
+                         ids=['meki', 'dense'])
+def test_authors_release_flavor_equals_the_jax_folded_model(tiny_model_config, variant):
+  """spec 6a: the graph's MeKi gate reads the raw residual, as the JAX model's does."""
+  _check_prefill_then_decode(tiny_model_config(meki=variant, flavor='authors_release',
+                                               qk_norm=False))
+
+
+def _check_prefill_then_decode(config):
   token_ids = np.random.default_rng(2).integers(0, config.vocab_size, (2, 9))
   params = moved_params(config)
   folded = jax.tree_util.tree_map(np.asarray, fold_params(params, config))

@@ -273,3 +273,22 @@ def test_run_tool_refuses_a_damaged_or_foreign_bundle(two_bundles, tmp_path):
          '--max_new_tokens=2'], capture_output=True, text=True)
     assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
     assert 'ids:' not in result.stdout
+
+
+@pytest.mark.slow
+def test_a_dense_bundle_runs_under_both_runtimes(tiny_model_config, tmp_path):
+  """A dense model (no memory_rows input) exports and runs as .pt2 and as .pte, checked."""
+  config = tiny_model_config(meki=dict(enabled=False))
+  exporter.export_folded(moved_params(config), config, tmp_path / 'dense')
+  to_device.write_device_export(tmp_path / 'dense', tmp_path / 'device', cache_len=16)
+  model, memory, _ = to_device.load_export(tmp_path / 'dense')
+  assert memory is None
+  prompt = torch.tensor([[5, 17, 3]])
+  expected = to_device.Session(model.config, None, model, model, 16).greedy(prompt, 6)
+  for runtime in ('pt2', 'pte'):
+    _, prefill, decode_fn = to_device.device_runners(tmp_path / 'device', tmp_path / 'dense',
+                                                     runtime)
+    logits, tokens, _ = to_device.Session(model.config, None, prefill, decode_fn, 16).greedy(
+        prompt, 6)
+    assert tokens.tolist() == expected[1].tolist(), runtime
+    np.testing.assert_allclose(logits.numpy(), expected[0].numpy(), rtol=0, atol=TOLERANCE)

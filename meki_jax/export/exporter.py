@@ -33,7 +33,7 @@ from meki_jax.model.transformer import build_model, meki_enabled
 MEMORY = ('layers', 'meki', 'memory')  # the fold's inputs below params/ ...
 TABLE = MEMORY + ('memory_table',)  # ... of which M [num_layers, vocab, d_mem]
 EMBEDDING = ('embed', 'embedding')  # E [vocab, d_model]
-DEFAULT_READ_BYTES = 4 << 30  # the largest backbone read: a layer-stacked leaf, or part of it
+DEFAULT_READ_BYTES = 1 << 30  # the largest backbone read: a layer-stacked leaf, or part of it
 
 
 def restore_params(config, step_dir):
@@ -137,11 +137,13 @@ def write_backbone(source, path, config_dict, dtype, read_bytes=DEFAULT_READ_BYT
           rows = source.read(leaf_path, slice(row, row + block))
           check_finite(rows, what, row)
           writer.put(name, rows, row_start=row)
+          del rows  # not alive during the next read
       elif entries[0][1] is None:
         (name, _, transform), = entries
         value = source.read(leaf_path)
         check_finite(value[None], what)
         writer.put(name, transform(value))
+        del value
       else:
         by_layer = {layer: (name, transform) for name, layer, transform in entries}
         for first in range(0, shape[0], block):

@@ -2,7 +2,7 @@
 
   python tools/export_memory.py --checkpoint=runs/quickstart[/checkpoints/120] \
       --out=exports/quickstart [--config=configs/quickstart.py] [--dtype=float16]
-      [--backbone_dtype=float32] [--rows_per_shard=8192] [--read_mb=1024] [--overwrite]
+      [--backbone_dtype=float32] [--rows_per_shard=8192] [--read_mb=4096] [--overwrite]
 
 --checkpoint is a step directory or a workdir (its latest step); the config defaults to the
 workdir's config.json (written by the trainer). Only the parameters the export needs are read

@@ -61,8 +61,7 @@ class CheckpointParams:
                        f'{sorted(set(key[0] for key in keys))})')
     # One chunk decoded at a time: a chunk of M spans all layers (MeKi-4B on 8 devices: 1.4 GB).
     self._context = ts.Context({'cache_pool': {'total_bytes_limit': int(cache_bytes)},
-                                'data_copy_concurrency': {'limit': 1},
-                                'file_io_concurrency': {'limit': 1}})
+                                'data_copy_concurrency': {'limit': 1}})
     self._stores = {}
 
   @property

@@ -33,7 +33,7 @@ from meki_jax.model.transformer import build_model, meki_enabled
 MEMORY = ('layers', 'meki', 'memory')  # the fold's inputs below params/ ...
 TABLE = MEMORY + ('memory_table',)  # ... of which M [num_layers, vocab, d_mem]
 EMBEDDING = ('embed', 'embedding')  # E [vocab, d_model]
-DEFAULT_READ_BYTES = 1 << 30  # the largest backbone read: a layer-stacked leaf, or part of it
+DEFAULT_READ_BYTES = 4 << 30  # the largest backbone read: a layer-stacked leaf, or part of it
 
 
 def restore_params(config, step_dir):
@@ -220,6 +220,9 @@ def _export(params, model_config, out, *, dtype='float16', backbone_dtype='float
   run_id = run_id or uuid.uuid4().hex
   config_dict = json.loads(json.dumps(model_config.to_dict()))  # as manifest.json reads back
   temporary = memory_store.prepare_output(out, overwrite, process_count)
+  backbone_path = temporary / memory_store.BACKBONE
+  if process_index == 0:  # before the fold, whose freed heap the process may keep
+    write_backbone(params, backbone_path, config_dict, backbone_dtype, read_bytes)
 
   memory_entry = None
   if meki_enabled(model_config):
@@ -237,8 +240,6 @@ def _export(params, model_config, out, *, dtype='float16', backbone_dtype='float
   if process_index != 0:
     return None
 
-  backbone_path = temporary / memory_store.BACKBONE
-  write_backbone(params, backbone_path, config_dict, backbone_dtype, read_bytes)
   manifest = {
       'format': memory_store.FORMAT, 'version': memory_store.FORMAT_VERSION,
       'model_config': config_dict,

@@ -18,9 +18,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from meki_jax.model.attention import init_kv_cache
 from meki_jax.model.transformer import check_token_ids, meki_enabled, unstack_layers
+
+PROGRESS_MIN_TOKENS = 8  # generate(progress=True) shows a bar for longer generations
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,12 +162,13 @@ def right_pad(prompts, lengths):
 
 
 def generate(model, params, prompts, *, max_new_tokens, eod_id=None, cache_len=None,
-             sampling=Sampling(), seed=0, memory=None, prefill_chunk_len=512):
+             sampling=Sampling(), seed=0, memory=None, prefill_chunk_len=512, progress=False):
   """Continues each prompt (a list of token ids) by up to `max_new_tokens` tokens.
 
   model: `build_model(config.model, folded, decode=True)`; params: `decode_params(...)`.
   A row stops after generating `eod_id` (not returned). cache_len defaults to the longest
-  prompt plus max_new_tokens. Returns one list of new token ids per prompt.
+  prompt plus max_new_tokens. Returns one list of new token ids per prompt. `progress` shows a
+  tqdm bar over the decode steps when more than PROGRESS_MIN_TOKENS are asked for.
   """
   if cache_len is None:
     cache_len = max((len(prompt) for prompt in prompts), default=0) + max_new_tokens
@@ -182,7 +186,9 @@ def generate(model, params, prompts, *, max_new_tokens, eod_id=None, cache_len=N
     memory.prefetch(current[:, None])
   outputs = [[] for _ in prompts]
   done = np.zeros(len(prompts), bool)
-  for step in range(max_new_tokens):
+  steps = tqdm(range(max_new_tokens), desc='generate', unit='token',
+               disable=not progress or max_new_tokens <= PROGRESS_MIN_TOKENS)
+  for step in steps:
     next_ids, _, cache = decode_step(model, params, cache, jnp.asarray(current),
                                      jnp.asarray(positions), jax.random.fold_in(rng, step),
                                      sampling, memory)
@@ -197,4 +203,5 @@ def generate(model, params, prompts, *, max_new_tokens, eod_id=None, cache_len=N
     if memory is not None:
       memory.prefetch(next_ids[:, None])  # overlaps the next step's dispatch and first layers
     current, positions = next_ids, positions + 1
+  steps.close()
   return outputs

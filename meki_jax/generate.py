@@ -116,7 +116,8 @@ def main(argv):
   prompts = [tokenizer.encode(text) for text in _PROMPT.value]
   outputs = decode.generate(model, params, prompts, max_new_tokens=_MAX_NEW_TOKENS.value,
                             eod_id=config.data.eod_id, cache_len=_CACHE_LEN.value,
-                            sampling=sampling, seed=_SEED.value, memory=memory)
+                            sampling=sampling, seed=_SEED.value, memory=memory,
+                            progress=True)
   for text, new_ids in zip(_PROMPT.value, outputs):
     print(text + tokenizer.decode(new_ids), flush=True)
   if memory is not None:

@@ -6,7 +6,8 @@
 --memory is the directory tools/export_memory.py wrote; it is validated (config, manifest,
 shard shapes and dtypes, checksums, vocabulary) before anything is traced. Writes prefill.pt2
 (2..cache_len tokens), decode.pt2 (one token), model.pte (both as methods, XNNPACK on CPU) and
-device.json (inputs, outputs, shapes). The folded tables stay in --memory: the application
+device.json (inputs, outputs, shapes, and each program's size and sha256 bound to the
+sha256 of --memory's manifest.json: run_device.py refuses programs of another export or damaged). The folded tables stay in --memory: the application
 gathers each token's rows from them and passes them as the `memory_rows` input.
 Needs only torch, tensorstore and safetensors (and executorch for the .pte), not jax.
 """
@@ -31,7 +32,9 @@ def main():
   device = to_device.write_device_export(args.memory, args.out, cache_len=args.cache_len,
                                          batch=args.batch, executorch=not args.no_executorch,
                                          overwrite=args.overwrite)
-  print(f'{args.out}: {", ".join(device["files"].values())}, cache_len {device["cache_len"]}')
+  files = ', '.join(f'{record["file"]} ({record["bytes"]:,} B)'
+                    for record in device['files'].values())
+  print(f'{args.out}: {files}, cache_len {device["cache_len"]}, bound to {args.memory}')
 
 
 if __name__ == '__main__':

@@ -7,28 +7,24 @@
 --memory is export_memory.py's directory (manifest, backbone, memory.zarr), --device is
 export_torch.py's (prefill.pt2, decode.pt2, model.pte, device.json). The tables are read by token
 id from memory.zarr before each call and fed to the program as its `memory_rows` input. Prints the
-generated token ids and, with the manifest's tokenizer, the text. Imports torch, tensorstore and
+generated token ids and, with the manifest's tokenizer, the text. Before anything runs, the
+bundle is checked: device.json must name --memory's manifest.json (its sha256) and the programs
+of --runtime must have the size and sha256 it records; otherwise it exits naming the file. Imports torch, tensorstore and
 (for --runtime=pte) executorch; not jax.
 """
 
 import argparse
-import json
-import pathlib
+import sys
 
 from meki_jax.extras import require_extra
 
 require_extra('device', 'torch')
 import torch  # noqa: E402  (after the check for it)
+from tqdm import tqdm  # noqa: E402
 
-from meki_jax.export import to_device  # noqa: E402
+from meki_jax.export import memory_store, to_device  # noqa: E402
 
-
-def runners(device_dir, runtime):
-  """(prefill, decode) callables of the device export, under torch.export or ExecuTorch."""
-  if runtime == 'pte':
-    return to_device.executorch_runners(device_dir / to_device.PTE)
-  return tuple(to_device.load_program(device_dir / f'{name}.pt2').module()
-               for name in to_device.PROGRAMS)
+PROGRESS_MIN_TOKENS = 8  # a progress bar for longer generations
 
 
 def generate(session, prompt_ids, max_new_tokens, eod_id):
@@ -39,13 +35,17 @@ def generate(session, prompt_ids, max_new_tokens, eod_id):
   else:
     logits = session.decode(prompt[:, 0])
   new_ids = []
+  progress = tqdm(total=max_new_tokens, desc='generate', unit='token',
+                  disable=max_new_tokens <= PROGRESS_MIN_TOKENS)
   while len(new_ids) < max_new_tokens:
     token = int(logits[0].argmax())
     if token == eod_id:
       break
     new_ids.append(token)
+    progress.update()
     if len(new_ids) < max_new_tokens:
       logits = session.decode(torch.tensor([token]))
+  progress.close()
   return new_ids
 
 
@@ -61,9 +61,11 @@ def main():
   if (args.prompt is None) == (args.token_ids is None):
     parser.error('pass exactly one of --prompt and --token_ids')
 
+  try:  # the bundle first: programs of another export, or damaged, are refused
+    device, prefill, decode = to_device.device_runners(args.device, args.memory, args.runtime)
+  except memory_store.ExportError as error:
+    sys.exit(f'error: {error}')
   model, memory, manifest = to_device.load_export(args.memory)
-  device_dir = pathlib.Path(args.device)
-  device = json.loads((device_dir / to_device.DEVICE_MANIFEST).read_text())
   vocabulary = manifest.get('vocabulary') or {}
   tokenizer = None
   if vocabulary.get('tokenizer'):
@@ -84,7 +86,6 @@ def main():
     parser.error(f'{len(prompt_ids)} prompt + {args.max_new_tokens} new tokens exceed the '
                  f'programs\' cache_len={device["cache_len"]}')
 
-  prefill, decode = runners(device_dir, args.runtime)
   session = to_device.Session(model.config, memory, prefill, decode, device['cache_len'])
   new_ids = generate(session, prompt_ids, args.max_new_tokens, vocabulary.get('eod_id'))
   print('ids:', ','.join(map(str, new_ids)))

@@ -1,60 +1,58 @@
 """The JAX side of the export: a training checkpoint -> folded tables + backbone + manifest.
 
-`restore_params` reads only the parameters of a checkpoint, written on any mesh, onto
-this host's CPU. `export_folded` folds M~ shard by shard with meki_jax.fold (a shard's rows for
-every layer: the fold's own chunk function over that vocabulary slice, so the tables are
-bit-identical to `fold_params`' and never held whole), writes them with memory_store, writes the
-backbone, and publishes the directory atomically. With several processes each folds and writes
-its own vocabulary slice, and process 0 writes the rest and publishes.
+`export_checkpoint` streams: it reads from the checkpoint only the parameters the export needs
+(never the optimizer state), array by array and slice by slice (checkpoint_reader), folds M~
+shard by shard with meki_jax.fold (a shard's rows for every layer: the fold's own chunk function
+over that vocabulary slice, so the tables are bit-identical to `fold_params`' and never held
+whole), writes them with memory_store, streams the backbone tensor by tensor, and publishes the
+directory atomically. `export_folded` does the same from parameters already in memory
+(`restore_params` restores them all with orbax). With several processes each folds and writes
+its own vocabulary slice, and process 0 writes the rest and publishes. Parameters or folded rows
+that are NaN or infinite fail the export, naming the array, layer and rows.
 """
 
+import collections
 import json
-import pathlib
+import math
 import uuid
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from tqdm import tqdm
 
 from meki_jax import fold
 from meki_jax.export import backbone, memory_store
+from meki_jax.export.checkpoint_reader import (CheckpointParams, TreeParams, checkpoint_step_dir,
+                                               subtree)
 from meki_jax.model.transformer import build_model, meki_enabled
-from meki_jax.sharding import MESH_AXES, axis_rules
-from meki_jax.train import optim, state as state_lib
 
-
-def checkpoint_step_dir(path):
-  """A step directory: `path` itself (<workdir>/checkpoints/<step>) or a workdir's latest."""
-  path = pathlib.Path(path).absolute()
-  if path.name.isdigit() and (path / 'state').is_dir():
-    return path
-  steps = sorted((int(p.name) for p in (path / 'checkpoints').glob('*')
-                  if p.name.isdigit() and (p / 'state').is_dir()), reverse=True)
-  if not steps:
-    raise FileNotFoundError(f'{path} is neither a checkpoint step directory '
-                            '(<workdir>/checkpoints/<step>) nor a workdir with checkpoints')
-  return path / 'checkpoints' / str(steps[0])
+MEMORY = ('layers', 'meki', 'memory')  # the fold's inputs below params/ ...
+TABLE = MEMORY + ('memory_table',)  # ... of which M [num_layers, vocab, d_mem]
+EMBEDDING = ('embed', 'embedding')  # E [vocab, d_model]
+DEFAULT_READ_BYTES = 4 << 30  # the largest backbone read: a layer-stacked leaf, or part of it
 
 
 def restore_params(config, step_dir):
   """(unboxed training params as numpy, step) of a checkpoint step directory or a workdir.
 
-  Only the parameters are read (the optimizer state, twice their size, is skipped); they land
-  on this host's first CPU device whatever mesh wrote them.
+  The whole parameter tree is restored with orbax onto this host's first CPU device, whatever
+  mesh wrote it; the optimizer state is not (the target is the model's parameters only).
+  `export_checkpoint` reads them array by array instead.
   """
   step_dir = checkpoint_step_dir(step_dir)
-  cpu = jax.devices('cpu')[0]
-  mesh = jax.sharding.Mesh(np.array([cpu]).reshape((1,) * len(MESH_AXES)), MESH_AXES)
-  abstract, shardings = state_lib.state_shardings(
-      build_model(config.model),
-      optim.make_optimizer(config.optim, config.train.num_steps,
-                           config.model.get('flavor', 'paper')), mesh, axis_rules(config.mesh))
-  target, target_shardings = {'params': abstract.params}, {'params': shardings.params}
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
+  model = build_model(config.model)
+  abstract = nn.meta.unbox(jax.eval_shape(
+      lambda rng: model.init(rng, jnp.zeros((1, 1), jnp.int32))['params'],
+      jax.random.PRNGKey(0)))
+  target = {'params': abstract}
   restore_args = jax.tree_util.tree_map(
-      lambda leaf, sharding: ocp.ArrayRestoreArgs(sharding=sharding, global_shape=leaf.shape,
-                                                  dtype=leaf.dtype), target, target_shardings)
+      lambda leaf: ocp.ArrayRestoreArgs(sharding=cpu, global_shape=leaf.shape, dtype=leaf.dtype),
+      target)
   try:
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
       restored = checkpointer.restore(step_dir / 'state', args=ocp.args.PyTreeRestore(
@@ -62,34 +60,103 @@ def restore_params(config, step_dir):
   except (ValueError, KeyError, FileNotFoundError) as error:
     raise ValueError(f'checkpoint {step_dir} cannot be restored into this config\'s model: '
                      f'{error}') from error
-  params = jax.tree_util.tree_map(np.asarray, nn.meta.unbox(restored['params']))
+  params = jax.tree_util.tree_map(np.asarray, restored['params'])
   return params, int(step_dir.name)
 
 
-def _layer_memory(memory, layer, start, stop):
-  """One layer's memory parameters with M cut to vocabulary rows [start, stop)."""
-  params = fold.layer_slice(memory, layer)
-  if 'memory_table' in params:
-    params = {**params, 'memory_table': memory['memory_table'][layer, start:stop]}
-  return params
+class NonFiniteError(ValueError):
+  """A parameter or a folded row is NaN or infinite: such a model is not exported."""
 
 
-def fold_shard(params, model_config, start, stop):
+def check_finite(values, what, row_start=0):
+  """Fails naming `what` and the first bad rows (axis 0, numbered from row_start)."""
+  bad = ~np.isfinite(values)
+  if bad.any():
+    rows = np.nonzero(bad.reshape(bad.shape[0], -1).any(axis=1))[0] + row_start
+    raise NonFiniteError(f'{what}: rows {rows[:8].tolist()} ({rows.size} of them) hold NaN or '
+                         'inf values; the checkpoint is damaged or diverged, refusing to export')
+
+
+def memory_params(source):
+  """The fold's small parameters (G, alpha, beta, mix norm) of every layer, layer-stacked,
+  checked finite. The checkpoint's chunks span all layers, so they are read whole (MeKi-4B:
+  1.0 GB in fp32)."""
+  memory = subtree(source, MEMORY, skip=('memory_table',))
+  for path, leaf in jax.tree_util.tree_flatten_with_path(memory)[0]:
+    name = '/'.join(('params',) + MEMORY + tuple(key.key for key in path))
+    check_finite(leaf, f'{name} (axis 0: layers)')
+  return memory
+
+
+def fold_shard(source, model_config, start, stop, memory=None):
   """M~ rows [start, stop) of every layer: [stop - start, num_layers, d_mem] float32.
 
-  The fold's chunk function runs on the vocabulary slice as if it were the whole vocabulary,
-  so only the slice's rows of M and E are handed over.
+  source: CheckpointParams or TreeParams; memory: `memory_params(source)` (read if None).
+  Only rows [start, stop) of M and E are read. The fold's chunk function runs on the vocabulary
+  slice as if it were the whole vocabulary. Non-finite inputs or rows fail naming layer and rows.
   """
-  memory = params['layers']['meki']['memory']
-  embed_chunk = params['embed']['embedding'][start:stop]  # [rows, d_model]
+  memory = memory_params(source) if memory is None else memory
+  embed_chunk = source.read(EMBEDDING, slice(start, stop))  # [rows, d_model]
+  check_finite(embed_chunk, 'params/embed/embedding', start)
+  table = (source.read(TABLE, (slice(None), slice(start, stop))) if TABLE in source.paths
+           else None)  # [num_layers, rows, d_mem]
   slice_config = ml_collections.ConfigDict(model_config.to_dict())
   slice_config.vocab_size = stop - start
   rows = np.empty((stop - start, model_config.num_layers, model_config.meki.d_mem), np.float32)
   for layer in range(model_config.num_layers):
-    (_, layer_rows), = fold.iter_folded_layer(_layer_memory(memory, layer, start, stop),
-                                              embed_chunk, slice_config, stop - start)
+    layer_params = fold.layer_slice(memory, layer)
+    if table is not None:
+      check_finite(table[layer], f'params/{"/".join(TABLE)} layer {layer}', start)
+      layer_params['memory_table'] = table[layer]
+    (_, layer_rows), = fold.iter_folded_layer(layer_params, embed_chunk, slice_config,
+                                              stop - start)
     rows[:, layer] = np.asarray(layer_rows)
+    check_finite(rows[:, layer], f'folded M~ of layer {layer}', start)
   return rows
+
+
+def write_backbone(source, path, config_dict, dtype, read_bytes=DEFAULT_READ_BYTES):
+  """Streams the backbone from `source` into `path` (backbone.StreamingWriter).
+
+  A layer-stacked leaf is read in blocks of layers of at most `read_bytes` (the checkpoint's
+  chunks span all layers, so each block decodes them all: fewer, larger blocks read less), the
+  embedding in blocks of rows; every tensor is checked finite before it is written.
+  """
+  writer = backbone.StreamingWriter(path, config_dict, dtype)
+  leaves = collections.defaultdict(list)
+  for name, leaf_path, layer, transform in backbone.tensor_sources(config_dict):
+    leaves[leaf_path].append((name, layer, transform))
+  try:
+    for leaf_path, entries in tqdm(leaves.items(), desc='backbone', unit='array'):
+      shape = source.shape(leaf_path)
+      what = 'params/' + '/'.join(leaf_path)
+      block = max(1, read_bytes // (4 * math.prod(shape[1:]) or 1))
+      if entries[0][1] is None and len(shape) > 1:  # the embedding: blocks of rows
+        (name, _, _), = entries
+        for row in range(0, shape[0], block):
+          rows = source.read(leaf_path, slice(row, row + block))
+          check_finite(rows, what, row)
+          writer.put(name, rows, row_start=row)
+          del rows  # not alive during the next read
+      elif entries[0][1] is None:
+        (name, _, transform), = entries
+        value = source.read(leaf_path)
+        check_finite(value[None], what)
+        writer.put(name, transform(value))
+        del value
+      else:
+        by_layer = {layer: (name, transform) for name, layer, transform in entries}
+        for first in range(0, shape[0], block):
+          stacked = source.read(leaf_path, slice(first, first + block))
+          for offset, values in enumerate(stacked):
+            name, transform = by_layer[first + offset]
+            check_finite(values[None], f'{what} layer {first + offset}')
+            writer.put(name, transform(values))
+          del stacked
+    writer.finish()
+  except BaseException:
+    writer.abort()
+    raise
 
 
 def ram_params(params):
@@ -113,10 +180,20 @@ def vocabulary_record(data_config, vocab_size):
           'tokens_in_use': tokenizer.vocab_size, 'eod_id': int(data_config.eod_id)}
 
 
-def export_folded(params, model_config, out, *, dtype='float16', backbone_dtype='float32',
-                  rows_per_shard=fold.DEFAULT_CHUNK_ROWS, source=None, vocabulary=None,
-                  overwrite=False, process_index=0, process_count=1, run_id=None,
-                  timeout_seconds=24 * 3600):
+def export_checkpoint(step_dir, model_config, out, **kwargs):
+  """Writes the export directory `out` from a checkpoint step directory (or a workdir's latest),
+  reading only the parameters the export needs, array by array (never the optimizer state).
+
+  Peak memory: the fold's small parameters of all layers, one vocabulary shard of M, E and M~,
+  and one backbone read (`read_bytes`). kwargs: those of `export_folded`, plus `read_bytes`;
+  `source` defaults to {'checkpoint', 'step'} of the step directory.
+  """
+  params = CheckpointParams(step_dir)
+  kwargs.setdefault('source', {'checkpoint': str(params.step_dir), 'step': params.step})
+  return _export(params, model_config, out, **kwargs)
+
+
+def export_folded(params, model_config, out, **kwargs):
   """Writes the export directory `out` from training params (unboxed numpy, scanned layout).
 
   dtype: the tables' (float32 | bfloat16 | float16); backbone_dtype: the safetensors'.
@@ -125,6 +202,13 @@ def export_folded(params, model_config, out, *, dtype='float16', backbone_dtype=
   process_index; process 0 returns after the last one has written its slice.
   Returns the manifest (process 0) or None.
   """
+  return _export(TreeParams(params), model_config, out, **kwargs)
+
+
+def _export(params, model_config, out, *, dtype='float16', backbone_dtype='float32',
+            rows_per_shard=fold.DEFAULT_CHUNK_ROWS, source=None, vocabulary=None,
+            overwrite=False, process_index=0, process_count=1, run_id=None,
+            timeout_seconds=24 * 3600, read_bytes=DEFAULT_READ_BYTES):
   for baseline in ('ple', 'engram'):
     if baseline in model_config and model_config[baseline].enabled:
       raise ValueError(f'model.{baseline}.enabled: the device graph (export/torch_model.py) has '
@@ -136,13 +220,19 @@ def export_folded(params, model_config, out, *, dtype='float16', backbone_dtype=
   run_id = run_id or uuid.uuid4().hex
   config_dict = json.loads(json.dumps(model_config.to_dict()))  # as manifest.json reads back
   temporary = memory_store.prepare_output(out, overwrite, process_count)
+  backbone_path = temporary / memory_store.BACKBONE
+  if process_index == 0:  # before the fold, whose freed heap the process may keep
+    write_backbone(params, backbone_path, config_dict, backbone_dtype, read_bytes)
 
   memory_entry = None
   if meki_enabled(model_config):
     shape = (model_config.vocab_size, model_config.num_layers, model_config.meki.d_mem)
     writer = memory_store.TableWriter(temporary, shape, dtype, rows_per_shard)
-    for index in memory_store.process_shards(len(writer.ranges), process_index, process_count):
-      writer.write_shard(index, fold_shard(params, model_config, *writer.ranges[index]))
+    memory = memory_params(params)
+    shards = memory_store.process_shards(len(writer.ranges), process_index, process_count)
+    for index in tqdm(shards, desc=f'fold M~ ({model_config.num_layers} layers)', unit='shard'):
+      writer.write_shard(index, fold_shard(params, model_config, *writer.ranges[index], memory))
+    del memory
     memory_store.write_part(temporary, run_id, process_index, process_count, writer.finish())
     if process_index == 0:
       records = memory_store.collect_parts(temporary, run_id, process_count, timeout_seconds)
@@ -150,9 +240,6 @@ def export_folded(params, model_config, out, *, dtype='float16', backbone_dtype=
   if process_index != 0:
     return None
 
-  backbone_path = temporary / memory_store.BACKBONE
-  backbone.write_backbone(backbone_path, backbone.backbone_tensors(ram_params(params), config_dict),
-                          config_dict, backbone_dtype)
   manifest = {
       'format': memory_store.FORMAT, 'version': memory_store.FORMAT_VERSION,
       'model_config': config_dict,

@@ -11,6 +11,7 @@ input. Inputs and outputs of both programs are those of `torch_model.MekiForCaus
 never jax or flax; executorch only when a .pte is lowered.
 """
 
+import hashlib
 import json
 import pathlib
 import shutil
@@ -19,6 +20,7 @@ import zipfile
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from tqdm import tqdm
 
 from meki_jax.export import backbone, memory_store
 from meki_jax.export.torch_model import MekiForCausalLM
@@ -27,7 +29,10 @@ TORCH_DTYPES = {'float32': torch.float32, 'float16': torch.float16,
                 'bfloat16': torch.bfloat16}
 PROGRAMS = ('prefill', 'decode')
 DEVICE_MANIFEST = 'device.json'
+DEVICE_FORMAT = 'meki-device'
+DEVICE_VERSION = 2  # 2: device.json binds each program's sha256 to the memory manifest's
 PTE = 'model.pte'
+RUNTIME_FILES = {'pt2': ('prefill', 'decode'), 'pte': ('executorch',)}  # entries of 'files'
 # The shortest prefill chunk: torch.export specialises a dynamic dimension seen as 1, so a
 # single token (a one-token prompt, or the last one of an odd chunking) goes to `decode`.
 MIN_PREFILL = 2
@@ -137,27 +142,104 @@ def write_device_export(directory, out, *, cache_len, batch=1, executorch=True, 
   out = pathlib.Path(out)
   if out.exists() and not overwrite:
     raise FileExistsError(f'{out} exists; pass --overwrite to replace it')
-  model, memory, manifest = load_export(directory, verify_checksums)
-  memory_dtype = memory.dtype if memory is not None else None
-  programs = export_programs(model, memory_dtype, cache_len, batch)
-  temporary = memory_store.temporary_directory(out)
-  shutil.rmtree(temporary, ignore_errors=True)
-  temporary.mkdir(parents=True)
-  files = {}
-  for name, program in programs.items():
-    torch.export.save(program, temporary / f'{name}.pt2')
-    files[name] = f'{name}.pt2'
-  if executorch:
-    (temporary / PTE).write_bytes(lower_to_executorch(programs))
-    files['executorch'] = PTE
-  device = {'source': str(pathlib.Path(directory).absolute()),
+  steps = ['check and load the export', 'torch.export prefill and decode', 'save .pt2']
+  steps += ['lower to ExecuTorch (XNNPACK)'] if executorch else []
+  with tqdm(total=len(steps), desc='export_torch', unit='step') as progress:
+    def step(number):
+      progress.update(number - progress.n)
+      progress.set_postfix_str(steps[number] if number < len(steps) else 'done')
+    step(0)
+    model, memory, manifest = load_export(directory, verify_checksums)
+    memory_dtype = memory.dtype if memory is not None else None
+    step(1)
+    programs = export_programs(model, memory_dtype, cache_len, batch)
+    step(2)
+    temporary = memory_store.temporary_directory(out)
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    files = {}
+    for name, program in programs.items():
+      torch.export.save(program, temporary / f'{name}.pt2')
+      files[name] = f'{name}.pt2'
+    if executorch:
+      step(3)
+      (temporary / PTE).write_bytes(lower_to_executorch(programs))
+      files['executorch'] = PTE
+    step(len(steps))
+  device = {'format': DEVICE_FORMAT, 'version': DEVICE_VERSION,
+            'source': str(pathlib.Path(directory).absolute()),
             'source_manifest_sha256': memory_store.file_record(
                 pathlib.Path(directory) / memory_store.MANIFEST)['sha256'],
-            'cache_len': cache_len, 'batch': batch, 'files': files,
+            'cache_len': cache_len, 'batch': batch,
+            'files': {name: {'file': file, **memory_store.file_record(temporary / file)}
+                      for name, file in files.items()},
             'signature': _signature(model, memory_dtype, cache_len, batch)}
+  device['binding_sha256'] = binding_digest(device)
   (temporary / DEVICE_MANIFEST).write_text(json.dumps(device, indent=1) + '\n')
   memory_store.publish(temporary, out, overwrite)
   return device
+
+
+def binding_digest(device):
+  """sha256 over the memory manifest's sha256 and every program's (name, file, bytes, sha256):
+  what ties the programs of a device export to one memory export."""
+  bound = {'source_manifest_sha256': device['source_manifest_sha256'],
+           'files': device['files']}
+  return hashlib.sha256(json.dumps(bound, sort_keys=True).encode()).hexdigest()
+
+
+def read_device_export(device_dir, memory_dir, runtime):
+  """device.json of `device_dir`, after checking that it belongs to the memory export in
+  `memory_dir` (its manifest.json's sha256) and that the programs `runtime` (pt2 | pte) runs are
+  the ones exported with it, whole and unaltered (size and sha256). Fails naming the file."""
+  device_dir, memory_dir = pathlib.Path(device_dir), pathlib.Path(memory_dir)
+  path = device_dir / DEVICE_MANIFEST
+  try:
+    device = json.loads(path.read_text())
+  except FileNotFoundError as error:
+    raise memory_store.ExportError(f'{path} does not exist: not a device export '
+                                   '(tools/export_torch.py writes it)') from error
+  except json.JSONDecodeError as error:
+    raise memory_store.ExportError(f'{path} is not valid JSON: {error}') from error
+  if (device.get('format'), device.get('version')) != (DEVICE_FORMAT, DEVICE_VERSION):
+    raise memory_store.ExportError(
+        f'{path}: format={device.get("format")!r} version={device.get("version")!r}, expected '
+        f'{DEVICE_FORMAT!r} version {DEVICE_VERSION}: re-run tools/export_torch.py')
+  if binding_digest(device) != device.get('binding_sha256'):
+    raise memory_store.ExportError(f'{path}: binding_sha256 does not match its files and '
+                                   'source_manifest_sha256: device.json was edited or damaged')
+  manifest_sha256 = memory_store.file_record(memory_dir / memory_store.MANIFEST)['sha256']
+  if manifest_sha256 != device['source_manifest_sha256']:
+    raise memory_store.ExportError(
+        f'{path} was exported from a memory export whose manifest.json has sha256 '
+        f'{device["source_manifest_sha256"]} ({device.get("source")}); '
+        f'{memory_dir / memory_store.MANIFEST} has {manifest_sha256}: the programs belong to '
+        'another export')
+  missing = [name for name in RUNTIME_FILES[runtime] if name not in device['files']]
+  if missing:
+    raise memory_store.ExportError(f'{path} has no {missing} program for --runtime={runtime} '
+                                   f'(exported: {sorted(device["files"])})')
+  for name in RUNTIME_FILES[runtime]:
+    _check_program(device_dir, device['files'][name], name)
+  return device
+
+
+def _check_program(device_dir, record, name):
+  try:
+    memory_store.check_file(device_dir, record, f'program {name}')
+  except memory_store.ExportError as error:  # the record is device.json's, not manifest.json's
+    raise memory_store.ExportError(str(error).replace('manifest.json', DEVICE_MANIFEST)) from None
+
+
+def device_runners(device_dir, memory_dir, runtime):
+  """(device.json, prefill, decode) of a checked device export (`read_device_export`):
+  the programs under torch.export (runtime 'pt2') or ExecuTorch ('pte')."""
+  device = read_device_export(device_dir, memory_dir, runtime)
+  device_dir = pathlib.Path(device_dir)
+  if runtime == 'pte':
+    return (device,) + executorch_runners(device_dir / device['files']['executorch']['file'])
+  return (device,) + tuple(load_program(device_dir / device['files'][name]['file']).module()
+                           for name in PROGRAMS)
 
 
 class Session:

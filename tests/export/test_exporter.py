@@ -10,7 +10,7 @@ import pytest
 
 from configs import base
 from meki_jax import sharding
-from meki_jax.export import exporter, memory_store, to_device
+from meki_jax.export import checkpoint_reader, exporter, memory_store, to_device
 from meki_jax.model.transformer import build_model
 from meki_jax.train import checkpoint, optim, state as state_lib
 from tests.export.conftest import moved_params
@@ -106,4 +106,52 @@ def test_baselines_without_a_device_branch_are_refused(tiny_model_config, tmp_pa
   config[baseline].enabled = True
   with pytest.raises(ValueError, match=f'model.{baseline}.enabled: the device graph'):
     exporter.export_folded(None, config, str(tmp_path / 'out'))
+  assert not (tmp_path / 'out').exists()
+
+
+def test_streaming_export_equals_the_in_memory_path(trained_run, tmp_path):
+  """export_checkpoint (array by array from disk) writes the files restore_params +
+  export_folded write: same shard and backbone checksums."""
+  config, workdir, _ = trained_run
+  params, step = exporter.restore_params(config, workdir)
+  whole = exporter.export_folded(params, config.model, tmp_path / 'whole', rows_per_shard=16384,
+                                 source={'step': step})
+  streamed = exporter.export_checkpoint(workdir, config.model, tmp_path / 'streamed',
+                                        rows_per_shard=16384, source={'step': step},
+                                        read_bytes=4096)  # a few layers per backbone read
+  assert streamed == whole
+  assert len(whole['memory']['shards']) == 10
+  for name in (memory_store.MANIFEST, memory_store.BACKBONE, memory_store.shard_file(3)):
+    assert ((tmp_path / 'streamed' / name).read_bytes() ==
+            (tmp_path / 'whole' / name).read_bytes()), name
+
+
+def test_reader_skips_the_optimizer_state(trained_run):
+  _, workdir, _ = trained_run
+  source = checkpoint_reader.CheckpointParams(workdir)
+  assert source.step == 36 and ('layers', 'mlp', 'gate', 'kernel') in source.paths
+  assert not any('mu' in path or 'nu' in path for path in source.paths)
+  with pytest.raises(KeyError, match='no array params/opt_state'):
+    source.read(('opt_state',))
+
+
+@pytest.mark.parametrize('where', ['memory_table', 'projection', 'embedding', 'attention'])
+def test_non_finite_parameters_are_not_exported(tiny_model_config, tmp_path, where):
+  config = tiny_model_config()
+  params = jax.tree_util.tree_map(np.copy, moved_params(config))
+  layers = params['layers']
+  if where == 'memory_table':
+    layers['meki']['memory']['memory_table'][1, 70] = np.nan
+    message = r'memory_table layer 1: rows \[70\]'
+  elif where == 'projection':
+    layers['meki']['memory']['projection']['gate']['kernel'][1, 0, 0] = np.inf
+    message = r'projection/gate/kernel \(axis 0: layers\): rows \[1\]'
+  elif where == 'embedding':
+    params['embed']['embedding'][[5, 9]] = np.nan
+    message = r'params/embed/embedding: rows \[5, 9\] \(2 of them\)'
+  else:
+    layers['attn']['q']['kernel'][0, 3] = np.nan
+    message = r'params/layers/attn/q/kernel layer 0'
+  with pytest.raises(exporter.NonFiniteError, match=message):
+    exporter.export_folded(params, config, tmp_path / 'out', rows_per_shard=64)
   assert not (tmp_path / 'out').exists()

@@ -3,6 +3,7 @@ in a fresh process, .pte under executorch.runtime) give the JAX folded model's l
 prefill and 32 greedy decode steps, and the same tokens."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from meki_jax import decode
-from meki_jax.export import exporter, to_device
+from meki_jax.export import exporter, memory_store, to_device
 from meki_jax.fold import fold_params
 from meki_jax.model.transformer import build_model
 from tests.export.conftest import CYCLE_START, cycle_successor, moved_params
@@ -135,6 +136,9 @@ def test_executorch_program_matches_jax(exported, tmp_path):
   assert_matches(reference, *greedy(to_device.Session(model.config, memory, prefill,
                                                       decode_method, CACHE_LEN)))
   assert run_device(directory, out, 'pte') == reference['tokens']
+  flip_byte(out / to_device.PTE)
+  with pytest.raises(memory_store.ExportError, match='model.pte has sha256 .*corrupted'):
+    to_device.device_runners(out, directory, 'pte')
 
 
 def run_device(directory, device_dir, runtime):
@@ -197,3 +201,95 @@ def test_a_program_that_would_unpickle_is_refused(tiny_model_config, tmp_path):
   torch.export.save(program, tmp_path / 'pickled.pt2')  # example inputs are saved pickled
   with pytest.raises(ValueError, match='pickled sample inputs; refusing to load'):
     to_device.load_program(tmp_path / 'pickled.pt2')
+
+
+def flip_byte(path):
+  """Flips the bits of the byte in the middle of `path`, in place."""
+  data = bytearray(path.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope='module')
+def two_bundles(exported, trained_run, tmp_path_factory):
+  """Two (memory export, device export) pairs of the trained model: fp32 and fp16 tables."""
+  config, workdir, _ = trained_run
+  directory, _ = exported
+  base = tmp_path_factory.mktemp('bundles')
+  other = base / 'memory-fp16'
+  exporter.export_checkpoint(workdir, config.model, other, dtype='float16',
+                             rows_per_shard=16384)
+  for memory_dir, device_dir in ((directory, base / 'device-a'), (other, base / 'device-b')):
+    to_device.write_device_export(memory_dir, device_dir, cache_len=CACHE_LEN, executorch=False)
+  return (directory, base / 'device-a'), (other, base / 'device-b')
+
+
+def test_device_json_binds_each_program_to_the_memory_export(two_bundles):
+  (memory_a, device_a), (memory_b, _) = two_bundles
+  device = to_device.read_device_export(device_a, memory_a, 'pt2')
+  assert set(device['files']) == {'prefill', 'decode'}
+  for record in device['files'].values():
+    assert len(record['sha256']) == 64 and record['bytes'] == (device_a / record['file']).stat(
+        ).st_size
+  with pytest.raises(memory_store.ExportError, match='the programs belong to another export'):
+    to_device.read_device_export(device_a, memory_b, 'pt2')
+  with pytest.raises(memory_store.ExportError, match=r"no \['executorch'\] program"):
+    to_device.read_device_export(device_a, memory_a, 'pte')
+
+
+@pytest.mark.parametrize('program', ['prefill.pt2', 'decode.pt2'])
+def test_programs_swapped_between_exports_are_refused(two_bundles, tmp_path, program):
+  (memory_a, device_a), (_, device_b) = two_bundles
+  shutil.copytree(device_a, tmp_path / 'device')
+  shutil.copy(device_b / program, tmp_path / 'device' / program)
+  with pytest.raises(memory_store.ExportError,
+                     match=f'program {program.split(".")[0]} {program} has .*device.json'):
+    to_device.read_device_export(tmp_path / 'device', memory_a, 'pt2')
+
+
+@pytest.mark.parametrize('program', ['prefill.pt2', 'decode.pt2'])
+def test_a_flipped_byte_in_a_program_is_refused(two_bundles, tmp_path, program):
+  (memory_a, device_a), _ = two_bundles
+  shutil.copytree(device_a, tmp_path / 'device')
+  flip_byte(tmp_path / 'device' / program)
+  with pytest.raises(memory_store.ExportError,
+                     match=f'{program} has sha256 .*device.json records .*corrupted'):
+    to_device.read_device_export(tmp_path / 'device', memory_a, 'pt2')
+
+
+def test_run_tool_refuses_a_damaged_or_foreign_bundle(two_bundles, tmp_path):
+  (memory_a, device_a), (memory_b, _) = two_bundles
+  shutil.copytree(device_a, tmp_path / 'device')
+  device_json = tmp_path / 'device' / to_device.DEVICE_MANIFEST
+  edited = json.loads(device_json.read_text())
+  edited['files']['decode']['sha256'] = '0' * 64  # made to match a damaged program
+  device_json.write_text(json.dumps(edited))
+  with pytest.raises(memory_store.ExportError, match='device.json was edited or damaged'):
+    to_device.read_device_export(tmp_path / 'device', memory_a, 'pt2')
+  for memory_dir, device_dir, message in ((memory_b, device_a, 'belong to another export'),
+                                          (memory_a, tmp_path / 'device', 'edited or damaged')):
+    result = subprocess.run(
+        [sys.executable, 'tools/run_device.py', f'--memory={memory_dir}',
+         f'--device={device_dir}', '--runtime=pt2', '--token_ids=1000,1001',
+         '--max_new_tokens=2'], capture_output=True, text=True)
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+    assert 'ids:' not in result.stdout
+
+
+@pytest.mark.slow
+def test_a_dense_bundle_runs_under_both_runtimes(tiny_model_config, tmp_path):
+  """A dense model (no memory_rows input) exports and runs as .pt2 and as .pte, checked."""
+  config = tiny_model_config(meki=dict(enabled=False))
+  exporter.export_folded(moved_params(config), config, tmp_path / 'dense')
+  to_device.write_device_export(tmp_path / 'dense', tmp_path / 'device', cache_len=16)
+  model, memory, _ = to_device.load_export(tmp_path / 'dense')
+  assert memory is None
+  prompt = torch.tensor([[5, 17, 3]])
+  expected = to_device.Session(model.config, None, model, model, 16).greedy(prompt, 6)
+  for runtime in ('pt2', 'pte'):
+    _, prefill, decode_fn = to_device.device_runners(tmp_path / 'device', tmp_path / 'dense',
+                                                     runtime)
+    logits, tokens, _ = to_device.Session(model.config, None, prefill, decode_fn, 16).greedy(
+        prompt, 6)
+    assert tokens.tolist() == expected[1].tolist(), runtime
+    np.testing.assert_allclose(logits.numpy(), expected[0].numpy(), rtol=0, atol=TOLERANCE)

@@ -1,0 +1,157 @@
+"""Where the exporter's parameters come from: a checkpoint on disk, read array by array, or a tree.
+
+A training checkpoint step directory (`<workdir>/checkpoints/<step>`) holds orbax's layout of the
+TrainState in `state/`: `_METADATA` (JSON: the tree's keys, `use_ocdbt`, `use_zarr3`) and one
+zarr array per leaf named by its path joined with '.' (`params.layers.mlp.gate.kernel`,
+`opt_state.1.0.mu.…`), inside an OCDBT key-value store (`manifest.ocdbt`, `d/`,
+`ocdbt.process_<i>/`) or, without OCDBT, in a directory per leaf. Its chunks are the shards of
+the mesh that wrote it. `CheckpointParams` opens those arrays with tensorstore and reads
+slices of `params.*` on demand; the optimizer moments are never opened. It depends on this
+on-disk layout only (not on the training code), and ignores files it does not know.
+
+`TreeParams` serves an in-memory parameter tree (unboxed numpy, scanned layout) through the same
+two calls, `shape(path)` and `read(path, index)`, so one exporter serves both.
+Shapes: `path` is a tuple of keys below `params` (e.g. ('layers', 'mlp', 'gate', 'kernel'));
+leaves under 'layers' carry a leading [num_layers] axis.
+"""
+
+import json
+import pathlib
+
+import numpy as np
+import tensorstore as ts
+
+from meki_jax.train import checksums
+
+
+def checkpoint_step_dir(path):
+  """A step directory: `path` itself (<workdir>/checkpoints/<step>) or a workdir's latest.
+
+  The step's files are checked against its checksum manifest (train/checksums.py) before
+  anything is read: a damaged or unverifiable step is refused, naming the file.
+  """
+  path = pathlib.Path(path).absolute()
+  if path.name.isdigit() and (path / 'state').is_dir():
+    step_dir = path
+  else:
+    steps = sorted((int(p.name) for p in (path / 'checkpoints').glob('*')
+                    if p.name.isdigit() and (p / 'state').is_dir()), reverse=True)
+    if not steps:
+      raise FileNotFoundError(f'{path} is neither a checkpoint step directory '
+                              '(<workdir>/checkpoints/<step>) nor a workdir with checkpoints')
+    step_dir = path / 'checkpoints' / str(steps[0])
+  problem = checksums.verify(str(step_dir))
+  if problem:
+    raise ValueError(f'checkpoint {step_dir} does not verify against its checksum manifest: '
+                     f'{problem}')
+  return step_dir
+
+
+class CheckpointParams:
+  """The `params` leaves of a checkpoint step directory, read slice by slice from disk.
+
+  `cache_bytes` sizes tensorstore's chunk cache (0: every read decodes the chunks it touches
+  and drops them, so memory is one read's chunks and result).
+  """
+
+  def __init__(self, step_dir, cache_bytes=0):
+    self.step_dir = checkpoint_step_dir(step_dir)
+    self.state_dir = self.step_dir / 'state'
+    metadata_path = self.state_dir / '_METADATA'
+    try:
+      metadata = json.loads(metadata_path.read_text())
+      keys = [tuple(entry['key'] for entry in leaf['key_metadata'])
+              for leaf in metadata['tree_metadata'].values()]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+      raise ValueError(f'{metadata_path} is not an orbax PyTree checkpoint metadata file: '
+                       f'{error!r}') from error
+    self._ocdbt = bool(metadata.get('use_ocdbt', False))
+    self._driver = 'zarr3' if metadata.get('use_zarr3', False) else 'zarr'
+    self.paths = sorted(key[1:] for key in keys if key[0] == 'params')
+    if not self.paths:
+      raise ValueError(f'{metadata_path} lists no params/* arrays (keys: '
+                       f'{sorted(set(key[0] for key in keys))})')
+    # One chunk decoded at a time: a chunk of M spans all layers (MeKi-4B on 8 devices: 1.4 GB).
+    self._context = ts.Context({'cache_pool': {'total_bytes_limit': int(cache_bytes)},
+                                'data_copy_concurrency': {'limit': 1}})
+    self._stores = {}
+
+  @property
+  def step(self):
+    return int(self.step_dir.name)
+
+  def _store(self, path):
+    if path not in self._stores:
+      if path not in self.paths:
+        raise KeyError(f'{self.state_dir}: no array params/{"/".join(path)}')
+      name = '.'.join(('params',) + tuple(path))
+      if self._ocdbt:
+        kvstore = {'driver': 'ocdbt', 'base': f'file://{self.state_dir}', 'path': f'{name}/'}
+      else:
+        kvstore = {'driver': 'file', 'path': f'{self.state_dir / name}/'}
+      try:
+        self._stores[path] = ts.open({'driver': self._driver, 'kvstore': kvstore}, open=True,
+                                     read=True, context=self._context).result()
+      except ValueError as error:
+        raise ValueError(f'{self.state_dir}: params/{"/".join(path)} cannot be opened as a '
+                         f'{self._driver} array: {error}') from error
+    return self._stores[path]
+
+  def shape(self, path):
+    return tuple(self._store(path).shape)
+
+  def read(self, path, index=()):
+    """params/`path`[index] as a numpy array in the stored dtype (only its chunks are read)."""
+    store = self._store(path)
+    index = index if isinstance(index, tuple) else (index,)
+    # numpy semantics for slices: tensorstore refuses a stop beyond the array's bounds.
+    index = tuple(slice(*part.indices(size)) if isinstance(part, slice) else part
+                  for part, size in zip(index, store.shape))
+    try:
+      return np.asarray(store[index].read().result())
+    except ValueError as error:  # a damaged chunk: zstd or crc failure, truncated data
+      raise ValueError(f'{self.state_dir}: reading params/{"/".join(path)}[{index}]: '
+                       f'{error}') from error
+
+
+class TreeParams:
+  """An unboxed parameter tree (nested dicts of arrays) behind CheckpointParams' interface."""
+
+  def __init__(self, params, step=None):
+    self.tree = params
+    self.step = step
+    self.paths = sorted(_leaf_paths(params))
+
+  def _leaf(self, path):
+    node = self.tree
+    for key in path:
+      if not isinstance(node, dict) or key not in node:
+        raise KeyError(f'params: no {"/".join(path)} (at {key!r})')
+      node = node[key]
+    return node
+
+  def shape(self, path):
+    return tuple(np.shape(self._leaf(path)))
+
+  def read(self, path, index=()):
+    return np.asarray(np.asarray(self._leaf(path))[index])
+
+
+def _leaf_paths(tree, prefix=()):
+  if not isinstance(tree, dict):
+    return [prefix]
+  return [path for key, value in tree.items() for path in _leaf_paths(value, prefix + (key,))]
+
+
+def subtree(source, prefix, skip=()):
+  """The leaves of `source` under `prefix`, read whole, as a nested dict (minus `skip` names)."""
+  tree = {}
+  for path in source.paths:
+    if path[:len(prefix)] != tuple(prefix) or path[-1] in skip:
+      continue
+    node = tree
+    for key in path[len(prefix):-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = source.read(path)
+  return tree
+

@@ -52,9 +52,11 @@ def test_auto_attention_compiles_the_splash_kernel_with_a_chunked_loss_for_tpu()
 def test_aot_compile_runs_beside_another_process_holding_libtpu(tmp_path):
   """Another process that loaded libtpu (without ALLOW_MULTIPLE_LIBTPU_LOAD) keeps running
   while tools/aot_compile.py compiles; before, libtpu's lockfile aborted the compile."""
-  holder_code = ('import os, sys, time\n'
-                 'from meki_jax.train.aot import parse_topology, topology_devices\n'
-                 'topology_devices(parse_topology("v5p-8"))\n'
+  holder_code = ('import os, time\n'  # loads libtpu as any JAX program would, no opt-out
+                 'os.environ["TPU_SKIP_MDS_QUERY"] = "1"\n'
+                 'from jax.experimental import topologies\n'
+                 'topologies.get_topology_desc(platform="tpu", topology_name="v5:2x2x1", '
+                 'chip_config_name="megacore", chips_per_host_bounds=(2, 2, 1), num_slices=1)\n'
                  'print("holding", flush=True)\n'
                  'time.sleep(600)\n')
   env = {key: value for key, value in os.environ.items()

@@ -111,11 +111,22 @@ class _OrbaxErrors(logging.Filter):
     return f'{os.sep}orbax{os.sep}' not in record.pathname
 
 
+def _closed_loop(kind, value):
+  """tensorstore's late callbacks into orbax's closed event loop after a failed write."""
+  return kind is RuntimeError and str(value) == 'Event loop is closed'
+
+
 def _quiet_excepthook(previous):
   def hook(kind, value, traceback):
-    if kind is RuntimeError and str(value) == 'Event loop is closed':
-      return  # tensorstore's late callbacks into orbax's closed event loop after a failed write
-    previous(kind, value, traceback)
+    if not _closed_loop(kind, value):
+      previous(kind, value, traceback)
+  return hook
+
+
+def _quiet_unraisablehook(previous):
+  def hook(unraisable):  # tensorstore reports its callbacks' exceptions as unraisable
+    if not _closed_loop(unraisable.exc_type, unraisable.exc_value):
+      previous(unraisable)
   return hook
 
 
@@ -125,3 +136,4 @@ def quiet_failed_saves():
   for logger in ('absl', 'asyncio'):
     logging.getLogger(logger).addFilter(_OrbaxErrors())
   sys.excepthook = _quiet_excepthook(sys.excepthook)
+  sys.unraisablehook = _quiet_unraisablehook(sys.unraisablehook)

@@ -40,6 +40,8 @@ def model_config(*, num_layers, d_model, num_heads, num_kv_heads, d_ff, d_mem):
       attention='auto',  # auto | xla | blocked | splash (model/attention.py)
       attention_block=512,  # positions per block of the blocked and splash attentions
       loss_chunk_len=256,  # positions per chunk of the logits in the loss (0 = whole sequence)
+      # where MeKi's equations (1)-(3) run: auto | tokens | vocabulary (model/meki.py)
+      memory_mix='auto',
       meki=ml_collections.ConfigDict(dict(
           enabled=d_mem > 0,
           d_mem=d_mem,

@@ -2,7 +2,7 @@
 
 from meki_jax.model.attention import ATTENTION_IMPLEMENTATIONS
 from meki_jax.model.engram import hash_moduli
-from meki_jax.model.meki import FLAVORS, FUSIONS, MEMORIES, POSITIONS, PROJECTIONS
+from meki_jax.model.meki import FLAVORS, FUSIONS, MEMORIES, MEMORY_MIXES, POSITIONS, PROJECTIONS
 from meki_jax.model.transformer import REMAT_POLICIES
 
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -86,6 +86,7 @@ def validate_model(model):
            f'model.loss_chunk_len={model.loss_chunk_len!r} must be an integer >= 0 '
            '(0 = the whole sequence)')
   _choice('model', 'flavor', model.get('flavor', 'paper'), FLAVORS)
+  _choice('model', 'memory_mix', model.memory_mix, MEMORY_MIXES)
   meki = model.meki
   _require(isinstance(meki.d_mem, int) and meki.d_mem >= 0,
            f'model.meki.d_mem={meki.d_mem!r} must be an integer >= 0 (0 = dense baseline)')

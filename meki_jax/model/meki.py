@@ -8,6 +8,12 @@ residual stream (set by the caller, transformer.DecoderLayer).
 
 Training form (`folded=False`):
     e = alpha * RMSNorm_mix(M[x] + beta * G(E[x]))        (1)-(3), submodule `memory`
+Every operation of (1)-(3) acts on one token's rows, so `e` can be computed either per token
+(`memory_mix='tokens'`: G runs on [batch, seq] rows of E) or per vocabulary row
+(`'vocabulary'`: the step's fold M~ = alpha * RMSNorm_mix(M + beta * G(E)) on each device's
+slice of the vocabulary, then M~[x] looked up). The second costs G on vocab_size rows instead of
+batch * seq, and its gradient to E never passes through per-token [batch, seq, d] arrays; `auto`
+takes it when a step has more tokens than the vocabulary has rows (the recipe: 1M against 151,680).
 Folded form (`folded=True`), spec section 3:
     e = M~[x]                                              table `folded_memory`
 Both continue with
@@ -33,6 +39,14 @@ FUSIONS = {  # (e, gate pre-activation) -> v; 'add_sigmoid' is equation (5)
 POSITIONS = ('parallel_ffn', 'parallel_attention', 'after_attention', 'after_ffn')
 PROJECTIONS = ('swiglu', 'linear')
 FLAVORS = ('paper', 'authors_release')
+MEMORY_MIXES = ('auto', 'tokens', 'vocabulary')
+
+
+def resolve_memory_mix(name, num_tokens, vocab_size):
+  """config.model.memory_mix -> 'tokens' or 'vocabulary' for a batch of `num_tokens` ids."""
+  if name == 'auto':
+    return 'vocabulary' if num_tokens > vocab_size else 'tokens'
+  return name
 
 
 def authors_release(model_config):
@@ -87,10 +101,18 @@ class MemoryMix(nn.Module):
     self.alpha = self.param('alpha', scalar, (), dtypes['param_dtype'])
     self.mix_norm = RMSNorm(axis='mem', eps=cfg.norm_eps, **dtypes)
 
-  def __call__(self, token_ids, embed_rows):
-    """token_ids [batch, seq], embed_rows = E_global[token_ids] [batch, seq, d] -> e [.., d_mem]."""
-    static_rows = gather_rows(self.memory_table, token_ids) if self.uses_static else None
-    return self.mix(static_rows, embed_rows)
+  def __call__(self, token_ids, embed_rows=None, embedding=None):
+    """token_ids [batch, seq] -> e [batch, seq, d_mem] (compute dtype), from one of
+    embed_rows = E_global[token_ids] [batch, seq, d]: (1)-(3) per token, or
+    embedding = E_global [vocab, d] (compute dtype): (1)-(3) per vocabulary row, then looked up.
+    """
+    if embedding is None:
+      static_rows = gather_rows(self.memory_table, token_ids) if self.uses_static else None
+      return self.mix(static_rows, embed_rows)
+    table = self.mix(self.memory_table if self.uses_static else None, embedding)
+    table = nn.with_logical_constraint(table, ('vocab', 'mem'))  # [vocab, d_mem]
+    # looked up in float32 so that the gradient's scatter-add over the batch sums in float32
+    return gather_rows(table.astype(jnp.float32), token_ids).astype(table.dtype)
 
   def mix(self, static_rows, embed_rows):
     """Equation (3) from M rows [..., d_mem] and E rows [..., d]; either may be unused."""
@@ -115,18 +137,20 @@ class MemoryMix(nn.Module):
 class MekiBranch(nn.Module):
   """One layer's MeKi branch: h [batch, seq, d_model] -> y [batch, seq, d_model].
 
-  In the folded form `memory_rows` ([batch, seq, d_mem], rows of M~ fetched outside the model,
-  e.g. from host memory) replaces the lookup of the `folded_memory` table.
+  In the training form, (1)-(3) read `embed_rows` ([batch, seq, d_model]) or, per vocabulary
+  row, `embedding` (E_global [vocab, d_model]; see MemoryMix). In the folded form `memory_rows`
+  ([batch, seq, d_mem], rows of M~ fetched outside the model, e.g. from host memory) replaces the
+  lookup of the `folded_memory` table.
   """
   config: object  # FrozenConfigDict of config.model
   folded: bool = False
 
   @nn.compact
-  def __call__(self, hidden, token_ids, embed_rows, memory_rows=None):
+  def __call__(self, hidden, token_ids, embed_rows, memory_rows=None, embedding=None):
     cfg, meki = self.config, self.config.meki
     dtypes = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
     if not self.folded:
-      memory = MemoryMix(cfg, name='memory')(token_ids, embed_rows)  # (1)-(3)
+      memory = MemoryMix(cfg, name='memory')(token_ids, embed_rows, embedding)  # (1)-(3)
     elif memory_rows is None:
       table = self.param('folded_memory', normal_init(cfg.init_std, ('vocab', 'mem')),
                          (cfg.vocab_size, meki.d_mem), dtypes['param_dtype'])

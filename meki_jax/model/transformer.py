@@ -20,7 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 from meki_jax.model.attention import Attention
 from meki_jax.model.engram import EngramMemory, add_engram, engram_enabled, engram_slots
 from meki_jax.model.layers import RMSNorm, SwiGLU, lookup_rows, normal_init
-from meki_jax.model.meki import MekiBranch, authors_release, output_init_std
+from meki_jax.model.meki import MekiBranch, authors_release, output_init_std, resolve_memory_mix
 from meki_jax.model.ple import PerLayerBranch, PerLayerInputs, ple_enabled
 
 # config.model.remat_policy -> what the backward pass keeps of each layer, besides its input
@@ -48,7 +48,8 @@ class DecoderLayer(nn.Module):
   where the MeKi branch needs them so that a host fetch overlaps with everything before.
   `ple_input` ([batch, seq, d_ple], this layer's PLE input) adds the PLE branch after the FFN;
   `engram` (EngramMemory's output, with this layer's `engram_slot`, -1 for none) adds Engram
-  before the attention.
+  before the attention. `embedding` (E_global [vocab, d_model], compute dtype) replaces
+  `embed_rows` (None then) when the MeKi branch mixes its memory per vocabulary row.
   In the authors_release flavor (spec 6a) the attention and FFN output projections start at
   Megatron's scaled std and the MeKi gate reads the raw residual A instead of RMSNorm(A).
   """
@@ -57,7 +58,7 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, token_ids, embed_rows, positions, segment_ids, memory_rows=None,
-               cache=None, ple_input=None, engram_slot=None, engram=None):
+               cache=None, ple_input=None, engram_slot=None, engram=None, embedding=None):
     cfg = self.config
     dtypes = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
     norm = lambda name: RMSNorm(axis='embed', eps=cfg.norm_eps, name=name, **dtypes)
@@ -66,7 +67,8 @@ class DecoderLayer(nn.Module):
 
     def meki(hidden):
       rows = memory_rows(hidden) if callable(memory_rows) else memory_rows
-      return MekiBranch(cfg, self.folded, name='meki')(hidden, token_ids, embed_rows, rows)
+      return MekiBranch(cfg, self.folded, name='meki')(hidden, token_ids, embed_rows, rows,
+                                                        embedding)
 
     if engram is not None:
       x = add_engram(x, engram_slot, engram, segment_ids, cfg)
@@ -146,6 +148,10 @@ class Transformer(nn.Module):
 
     embed = _embedding(cfg)
     embed_rows = _embed_rows(cfg, embed, token_ids)
+    branch_rows, embedding = embed_rows, None  # what the MeKi branches read (see meki.py)
+    if (meki_enabled(cfg) and not self.folded
+        and resolve_memory_mix(cfg.memory_mix, token_ids.size, cfg.vocab_size) == 'vocabulary'):
+      branch_rows, embedding = None, embed.embedding.astype(jnp.dtype(cfg.dtype))
     ple_inputs = engram = slots = None
     if ple_enabled(cfg):
       ple_inputs = PerLayerInputs(cfg, name='ple')(token_ids, embed_rows)  # [L, b, s, d_ple]
@@ -158,11 +164,11 @@ class Transformer(nn.Module):
     layers = nn.scan(
         layer, variable_axes={'params': 0}, split_rngs={'params': True},
         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0, 0,
-                 nn.broadcast),
+                 nn.broadcast, nn.broadcast),
         length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})
     x, _ = layers(cfg, self.folded, name='layers')(
-        embed_rows, token_ids, embed_rows, positions, segment_ids, memory_rows, None, ple_inputs,
-        slots, engram)
+        embed_rows, token_ids, branch_rows, positions, segment_ids, memory_rows, None, ple_inputs,
+        slots, engram, embedding)
     if hidden_only:
       return nn.with_logical_constraint(_final_norm(cfg, x), ('batch', 'length', 'embed'))
     logits = _logits(cfg, embed, x)  # [batch, seq, vocab]

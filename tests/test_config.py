@@ -26,6 +26,7 @@ def test_shipped_configs_validate(name):
     ('model.meki.position', 'before_attention', "model.meki.position='before_attention'"),
     ('model.meki.projection', 'mlp', "model.meki.projection='mlp'"),
     ('model.remat_policy', 'some', "model.remat_policy='some'"),
+    ('model.memory_mix', 'rows', "model.memory_mix='rows'"),
     ('model.dtype', 'int8', "model.dtype='int8'"),
     ('model.d_model', 0, 'model.d_model=0'),
     ('train.grad_accum_steps', 3, 'train.global_batch_size=256 is not divisible'),

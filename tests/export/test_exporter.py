@@ -10,7 +10,7 @@ import pytest
 
 from configs import base
 from meki_jax import sharding
-from meki_jax.export import checkpoint_reader, exporter, memory_store, to_device
+from meki_jax.export import backbone, checkpoint_reader, exporter, memory_store, to_device
 from meki_jax.model.transformer import build_model
 from meki_jax.train import checkpoint, optim, state as state_lib
 from tests.export.conftest import moved_params
@@ -124,6 +124,41 @@ def test_streaming_export_equals_the_in_memory_path(trained_run, tmp_path):
   for name in (memory_store.MANIFEST, memory_store.BACKBONE, memory_store.shard_file(3)):
     assert ((tmp_path / 'streamed' / name).read_bytes() ==
             (tmp_path / 'whole' / name).read_bytes()), name
+
+
+class OddChunks(checkpoint_reader.TreeParams):
+  """The same tree, read in chunks that cut layers, heads and columns where no tensor does."""
+
+  def chunks(self, path):
+    return tuple(size // 3 + 1 for size in self.shape(path))
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_backbone_written_chunk_by_chunk_equals_the_whole_tensors(tiny_model_config, tmp_path,
+                                                                  dtype):
+  """Blocks of a layer-stacked leaf land in each layer's tensor in the file's layout (transposed,
+  heads merged): the same bytes as writing every tensor whole."""
+  config = tiny_model_config(meki=dict(position='after_ffn'))
+  params = moved_params(config)
+  config_dict = json.loads(json.dumps(config.to_dict()))
+  backbone.write_backbone(tmp_path / 'whole', backbone.backbone_tensors(
+      exporter.ram_params(params), config_dict), config_dict, dtype)
+  exporter.write_backbone(OddChunks(params), tmp_path / 'blocks', config_dict, dtype,
+                          read_bytes=64)
+  assert (tmp_path / 'blocks').read_bytes() == (tmp_path / 'whole').read_bytes()
+
+
+def test_reads_are_planned_in_whole_chunks():
+  shape, chunks = (5, 7, 4), (5, 2, 3)
+  for max_bytes, expected in ((4, (5, 2, 3)), (4 * 60, (5, 2, 4)), (4 * 5 * 4 * 4, (5, 4, 4)),
+                              (1 << 20, shape)):
+    blocks = checkpoint_reader.read_blocks(shape, chunks, max_bytes)
+    covered = np.zeros(shape, int)
+    for index in blocks:
+      covered[index] += 1
+      assert all(part.start % step == 0 for part, step in zip(index, chunks))  # chunk-aligned
+    assert (covered == 1).all()
+    assert tuple(part.stop - part.start for part in blocks[0]) == expected
 
 
 def test_reader_skips_the_optimizer_state(trained_run):

@@ -8,8 +8,9 @@ For each config, in one run:
    `checkpoint.save` writes the TrainState (params and AdamW moments) of the same model tree on a
    `--devices` mesh at small size, then every array is rewritten at full size with tensorstore
    into the same OCDBT store, zarr with the same codec, chunks = the mesh's shards, and orbax's
-   metadata gets the full shapes. Parameters are random (N(0, init_std); norm scales, alpha and
-   beta 1), moments zero (a fresh optimizer). Written chunk by chunk, never whole;
+   metadata and the step's checksum manifest get the full shapes and files. Parameters are
+   random (N(0, init_std); norm scales, alpha and beta 1), moments zero (a fresh optimizer).
+   Written chunk by chunk, never whole;
 2. exports it with the streaming path (`exporter.export_checkpoint`, what tools/export_memory.py
    runs) in a subprocess;
 3. exports it with the in-memory path (orbax `restore_params` of every parameter, then
@@ -59,7 +60,7 @@ def write_checkpoint(config, workdir, devices, seed=0):
   import tensorstore as ts
   from meki_jax import sharding
   from meki_jax.model.transformer import build_model
-  from meki_jax.train import checkpoint, optim, state as state_lib
+  from meki_jax.train import checkpoint, checksums, optim, state as state_lib
 
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:devices])
   rules = sharding.axis_rules(config.mesh)
@@ -130,6 +131,9 @@ def write_checkpoint(config, workdir, devices, seed=0):
       chunk = list(leaves[keys][2])
       array['write_shape'] = array['chunk_shape'] = chunk
     process_file.write_text(json.dumps(records))
+  # The step's checksum manifest (written by the save) is rewritten for the full-size files, as
+  # the trainer writes it after the save: the export verifies it before reading anything.
+  checksums.write_manifest(str(state_dir.parent))
   return sum(f.stat().st_size for f in state_dir.rglob('*') if f.is_file())
 
 

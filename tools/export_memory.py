@@ -2,7 +2,7 @@
 
   python tools/export_memory.py --checkpoint=runs/quickstart[/checkpoints/120] \
       --out=exports/quickstart [--config=configs/quickstart.py] [--dtype=float16]
-      [--backbone_dtype=float32] [--rows_per_shard=8192] [--read_mb=4096] [--overwrite]
+      [--backbone_dtype=float32] [--rows_per_shard=8192] [--read_mb=512] [--overwrite]
 
 --checkpoint is a step directory or a workdir (its latest step); the config defaults to the
 workdir's config.json (written by the trainer). Only the parameters the export needs are read
@@ -32,7 +32,8 @@ _BACKBONE_DTYPE = flags.DEFINE_enum('backbone_dtype', 'float32', list(memory_sto
 _ROWS_PER_SHARD = flags.DEFINE_integer('rows_per_shard', fold.DEFAULT_CHUNK_ROWS,
                                        'Vocabulary rows per shard file (and per fold chunk).')
 _READ_MB = flags.DEFINE_integer('read_mb', exporter.DEFAULT_READ_BYTES >> 20,
-                                'The largest backbone read from the checkpoint, in MiB.')
+                                'The largest backbone read from the checkpoint, in MiB (whole '
+                                'chunks; a larger chunk is read alone).')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing --out.')
 _PROCESS_INDEX = flags.DEFINE_integer('process_index', 0, 'This process (multi-host export).')
 _PROCESS_COUNT = flags.DEFINE_integer('process_count', 1, 'Processes writing the export.')

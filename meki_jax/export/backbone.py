@@ -13,8 +13,10 @@ checks a file with it before loading it.
 """
 
 import json
+import mmap
 import os
 import pathlib
+from typing import Callable, NamedTuple
 
 import numpy as np
 from safetensors import safe_open
@@ -57,27 +59,43 @@ def tensor_shapes(config):
   return shapes
 
 
+class Transform(NamedTuple):
+  """How one layer of a checkpoint leaf, x, becomes a file tensor y: `transform(x)` is y;
+  `view(y, x_shape)` is y seen in x's layout, a numpy view of y (no copy), so writing a block
+  of x into view(y, x.shape)[block] writes the elements of y it maps to."""
+  apply: Callable
+  view: Callable
+
+  def __call__(self, x):
+    return self.apply(x)
+
+
+WHOLE = Transform(lambda x: x, lambda y, shape: y)
+# y = x.reshape(a, b).T for x of shape `shape`: x is y.T split back into `shape`, still a view.
+_TRANSPOSED_VIEW = lambda y, shape: np.reshape(y.T, shape, copy=False)
+
+
 def tensor_sources(config):
-  """[(name, checkpoint path, layer or None, transform)] of every backbone tensor.
+  """[(name, checkpoint path, layer or None, Transform)] of every backbone tensor.
 
   The tensor is transform(params[path][layer]) (or of params[path] for layer None): a
   [num_layers]-stacked leaf of the scanned layout, indexed, and turned into Hugging Face's
   [out_features, in_features] layout.
   """
   d = config['d_model']
-  whole = lambda x: x
-  transposed = lambda x: x.T
+  whole = WHOLE
+  transposed = Transform(lambda x: x.T, _TRANSPOSED_VIEW)
+  heads_in = Transform(lambda x: x.reshape(d, -1).T, _TRANSPOSED_VIEW)
+  heads_out = Transform(lambda x: x.reshape(-1, d).T, _TRANSPOSED_VIEW)
   sources = [('model.embed_tokens.weight', ('embed', 'embedding'), None, whole),
              ('model.norm.weight', ('final_norm', 'scale'), None, whole)]
   per_layer = [
       ('input_layernorm.weight', ('pre_attn_norm', 'scale'), whole),
       ('post_attention_layernorm.weight', ('pre_ffn_norm', 'scale'), whole),
-      ('self_attn.q_proj.weight', ('attn', 'q', 'kernel'),
-       lambda x: x.reshape(d, -1).T),  # [d, h, hd] -> [h*hd, d]
-      ('self_attn.k_proj.weight', ('attn', 'k', 'kernel'), lambda x: x.reshape(d, -1).T),
-      ('self_attn.v_proj.weight', ('attn', 'v', 'kernel'), lambda x: x.reshape(d, -1).T),
-      ('self_attn.o_proj.weight', ('attn', 'o', 'kernel'),
-       lambda x: x.reshape(-1, d).T),  # [h, hd, d] -> [d, h*hd]
+      ('self_attn.q_proj.weight', ('attn', 'q', 'kernel'), heads_in),  # [d, h, hd] -> [h*hd, d]
+      ('self_attn.k_proj.weight', ('attn', 'k', 'kernel'), heads_in),
+      ('self_attn.v_proj.weight', ('attn', 'v', 'kernel'), heads_in),
+      ('self_attn.o_proj.weight', ('attn', 'o', 'kernel'), heads_out),  # [h, hd, d] -> [d, h*hd]
       ('mlp.gate_proj.weight', ('mlp', 'gate', 'kernel'), transposed),
       ('mlp.up_proj.weight', ('mlp', 'up', 'kernel'), transposed),
       ('mlp.down_proj.weight', ('mlp', 'down', 'kernel'), transposed)]
@@ -139,7 +157,8 @@ class StreamingWriter:
 
   The header (names, dtypes, shapes, offsets: safetensors' own order, by name, and its JSON and
   padding) is written first from the config's shapes, then `put(name, array)` casts each tensor
-  and writes its bytes at its offset; the file is byte-identical to `write_backbone`'s.
+  and writes its bytes at its offset (or `put_block` a block of it, through a memory map of the
+  tensor alone, unmapped after the block); the file is byte-identical to `write_backbone`'s.
   `finish()` checks every tensor was written, syncs and renames the file into place.
   """
 
@@ -163,9 +182,9 @@ class StreamingWriter:
     self._data_start = 8 + len(text)
     self._offsets = {name: entry['data_offsets'][0] for name, entry in header.items()}
     self._pending = set(self.shapes)
-    self._rows = {}  # rows written so far per tensor
+    self._written = {}  # elements written so far per tensor
     self._temporary = self.path.with_name(f'.{self.path.name}.{os.getpid()}.tmp')
-    self._file = open(self._temporary, 'wb')
+    self._file = open(self._temporary, 'w+b')  # readable too: put_block maps it
     self._file.write(len(text).to_bytes(8, 'little') + text)
     self._file.truncate(self._data_start + offset)
 
@@ -189,8 +208,40 @@ class StreamingWriter:
     while view.nbytes:  # pwrite may write less than asked (Linux: at most 2 GiB per call)
       written = os.pwrite(self._file.fileno(), view, position)
       view, position = view[written:], position + written
-    self._rows[name] = self._rows.get(name, 0) + rows
-    if self._rows[name] == shape[0]:
+    self._count(name, data.size)
+
+  def put_block(self, name, block, index, view=WHOLE.view, source_shape=None):
+    """Casts `block` to the file's dtype and writes it as the elements [index] of tensor `name`
+    seen through `view` (a Transform's view) in `source_shape`, the layout `block` comes from
+    (default: the tensor's own). The tensor is complete once every element was written, each
+    once, in blocks of any shape and order.
+
+    Written through a memory map of the tensor's bytes, unmapped on return: its pages are
+    resident only meanwhile (a block of columns of a transposed tensor touches all of them).
+    """
+    if name not in self._pending:
+      raise ValueError(f'{self.path}: tensor {name} is ' +
+                       ('written twice' if name in self.shapes else 'not in this config'))
+    shape = tuple(self.shapes[name])
+    start = self._data_start + self._offsets[name]
+    aligned = start - start % mmap.ALLOCATIONGRANULARITY  # mmap's offsets are page-aligned
+    size = int(np.prod(shape)) * self.dtype.itemsize
+    mapped = mmap.mmap(self._file.fileno(), start - aligned + size, offset=aligned)
+    try:
+      tensor = np.frombuffer(mapped, self.dtype, int(np.prod(shape)), start - aligned)
+      target = view(tensor.reshape(shape), source_shape or shape)[index]
+      if target.shape != np.shape(block):
+        raise ValueError(f'{self.path}: {name}: a block of shape {list(np.shape(block))} does '
+                         f'not fit [{index}] of its source shape {list(source_shape or shape)}')
+      target[...] = np.asarray(block, np.float32).astype(self.dtype)
+    finally:
+      tensor = target = None  # no array left on the map, so it can be unmapped now
+      mapped.close()
+    self._count(name, np.size(block))
+
+  def _count(self, name, size):
+    self._written[name] = self._written.get(name, 0) + size
+    if self._written[name] == int(np.prod(self.shapes[name])):
       self._pending.discard(name)
 
   def finish(self):

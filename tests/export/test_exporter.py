@@ -10,13 +10,15 @@ import pytest
 
 from configs import base
 from meki_jax import sharding
-from meki_jax.export import checkpoint_reader, exporter, memory_store, to_device
+from meki_jax.export import backbone, checkpoint_reader, exporter, memory_store, to_device
 from meki_jax.model.transformer import build_model
 from meki_jax.train import checkpoint, optim, state as state_lib
 from tests.export.conftest import moved_params
 
 
-def test_restore_reads_the_parameters_of_a_checkpoint_written_on_8_devices(tmp_path):
+def _save_on_8_devices(workdir):
+  """(config, state) of a small MeKi model saved as step 5 of `workdir` from an 8-device mesh:
+  every array is stored in chunks, the devices' shards."""
   config = base.get_config()
   config.model = base.model_config(num_layers=2, d_model=32, num_heads=2, num_kv_heads=1,
                                    d_ff=64, d_mem=8)
@@ -27,11 +29,15 @@ def test_restore_reads_the_parameters_of_a_checkpoint_written_on_8_devices(tmp_p
   assert mesh.size == 8
   state = state_lib.create_state(model, optimizer, mesh, sharding.axis_rules(config.mesh),
                                  jax.random.PRNGKey(0))
-  manager = checkpoint.checkpoint_manager(tmp_path, config.train)
+  manager = checkpoint.checkpoint_manager(workdir, config.train)
   checkpoint.save(manager, 5, state, None, force=True)
   manager.wait_until_finished()
   manager.close()
+  return config, state
 
+
+def test_restore_reads_the_parameters_of_a_checkpoint_written_on_8_devices(tmp_path):
+  config, state = _save_on_8_devices(tmp_path)
   for location in (tmp_path, tmp_path / 'checkpoints' / '5'):
     params, step = exporter.restore_params(config, location)
     assert step == 5
@@ -124,6 +130,65 @@ def test_streaming_export_equals_the_in_memory_path(trained_run, tmp_path):
   for name in (memory_store.MANIFEST, memory_store.BACKBONE, memory_store.shard_file(3)):
     assert ((tmp_path / 'streamed' / name).read_bytes() ==
             (tmp_path / 'whole' / name).read_bytes()), name
+
+
+def test_streaming_export_reads_across_the_chunks_of_8_devices(tmp_path):
+  """Vocabulary shards of 48 rows over chunks of 32 (one read per chunk) and backbone blocks of
+  whole chunks: the same files as restoring every parameter and exporting from memory."""
+  config, _ = _save_on_8_devices(tmp_path / 'run')
+  source = checkpoint_reader.CheckpointParams(tmp_path / 'run')
+  assert source.chunks(exporter.TABLE) == (2, 32, 8)  # [layers, vocab / 8 devices, d_mem]
+  params, step = exporter.restore_params(config, tmp_path / 'run')
+  kernel = ('layers', 'mlp', 'gate', 'kernel')  # [2, 32, 64]
+  assert source.chunks(kernel) == (2, 4, 64)
+  box = (slice(1, 2), slice(3, 29), slice(5, 60))
+  np.testing.assert_array_equal(source.read(kernel, box),
+                                params['layers']['mlp']['gate']['kernel'][box])
+  whole = exporter.export_folded(params, config.model, tmp_path / 'whole', rows_per_shard=48,
+                                 source={'step': step})
+  streamed = exporter.export_checkpoint(tmp_path / 'run', config.model, tmp_path / 'streamed',
+                                        rows_per_shard=48, source={'step': step}, read_bytes=64)
+  assert streamed == whole and len(whole['memory']['shards']) == 6
+  names = [memory_store.MANIFEST, memory_store.BACKBONE] + [
+      memory_store.shard_file(index) for index in range(6)]
+  for name in names:
+    assert ((tmp_path / 'streamed' / name).read_bytes() ==
+            (tmp_path / 'whole' / name).read_bytes()), name
+
+
+class OddChunks(checkpoint_reader.TreeParams):
+  """The same tree, read in chunks that cut layers, heads and columns where no tensor does."""
+
+  def chunks(self, path):
+    return tuple(size // 3 + 1 for size in self.shape(path))
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_backbone_written_chunk_by_chunk_equals_the_whole_tensors(tiny_model_config, tmp_path,
+                                                                  dtype):
+  """Blocks of a layer-stacked leaf land in each layer's tensor in the file's layout (transposed,
+  heads merged): the same bytes as writing every tensor whole."""
+  config = tiny_model_config(meki=dict(position='after_ffn'))
+  params = moved_params(config)
+  config_dict = json.loads(json.dumps(config.to_dict()))
+  backbone.write_backbone(tmp_path / 'whole', backbone.backbone_tensors(
+      exporter.ram_params(params), config_dict), config_dict, dtype)
+  exporter.write_backbone(OddChunks(params), tmp_path / 'blocks', config_dict, dtype,
+                          read_bytes=64)
+  assert (tmp_path / 'blocks').read_bytes() == (tmp_path / 'whole').read_bytes()
+
+
+def test_reads_are_planned_in_whole_chunks():
+  shape, chunks = (5, 7, 4), (5, 2, 3)
+  for max_bytes, expected in ((4, (5, 2, 3)), (4 * 60, (5, 2, 4)), (4 * 5 * 4 * 4, (5, 4, 4)),
+                              (1 << 20, shape)):
+    blocks = checkpoint_reader.read_blocks(shape, chunks, max_bytes)
+    covered = np.zeros(shape, int)
+    for index in blocks:
+      covered[index] += 1
+      assert all(part.start % step == 0 for part, step in zip(index, chunks))  # chunk-aligned
+    assert (covered == 1).all()
+    assert tuple(part.stop - part.start for part in blocks[0]) == expected
 
 
 def test_reader_skips_the_optimizer_state(trained_run):

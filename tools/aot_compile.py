@@ -4,7 +4,8 @@
   JAX_PLATFORMS=cpu python tools/aot_compile.py --config configs/meki_1p7b.py --topology v5p-64 \
       [--config.train.grad_accum_steps=8 ...]
 
-Prints the attention implementation compiled ('auto' is the splash kernel on TPU), the remat
+Prints the attention implementation compiled ('auto' is the splash kernel on TPU), where MeKi's
+memory is mixed (model.memory_mix: per token or per vocabulary row), the remat
 policy and accumulation, per-device arguments (parameters + optimizer state + batch),
 temporaries, the total against the chip's HBM, and the model TFLOPs per step (the analytic
 formula of meki_jax/train/flops.py; XLA's cost analysis would count the scanned layer once).
@@ -37,6 +38,9 @@ def main(argv):
     return
   setting = (f"attention {result['attention']}, remat {result['remat_policy']}, grad accum "
              f"{result['grad_accum_steps']}")
+  if result['memory_mix']:
+    per = {'tokens': 'token', 'vocabulary': 'vocabulary row'}[result['memory_mix']]
+    setting += f', MeKi memory mixed per {per}'
   if 'error' in result:
     print(f"{result['topology']} ({result['chips']} chips), {setting}: DOES NOT FIT: "
           f"{result['error']}")

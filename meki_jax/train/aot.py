@@ -19,7 +19,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from meki_jax import sharding
 from meki_jax.config import validate
 from meki_jax.model.attention import resolve_attention
-from meki_jax.model.transformer import build_model
+from meki_jax.model.meki import resolve_memory_mix
+from meki_jax.model.transformer import build_model, meki_enabled
 from meki_jax.train import flops, optim, state as state_lib, step as step_lib
 
 GIB = 2**30
@@ -109,9 +110,13 @@ def compile_train_step(config, topology):
   tokens = shape[0] * shape[1]
   attention = resolve_attention(config.model.attention, config.data.seq_len,
                                 config.model.head_dim, config.model.attention_block, 'tpu')
+  micro_batch_tokens = tokens // config.train.grad_accum_steps
   result = {
       'topology': topology.name, 'chips': topology.chips, 'hbm_gib': topology.hbm_gib,
       'attention': attention, 'remat_policy': config.model.remat_policy,
+      'memory_mix': (resolve_memory_mix(config.model.memory_mix, micro_batch_tokens,
+                                        config.model.vocab_size)
+                     if meki_enabled(config.model) else None),
       'grad_accum_steps': config.train.grad_accum_steps,
       'model_tflops_per_step': flops.train_flops_per_token(config.model, config.data.seq_len)
                                * tokens / 1e12,

@@ -42,6 +42,9 @@ def model_config(*, num_layers, d_model, num_heads, num_kv_heads, d_ff, d_mem):
       loss_chunk_len=256,  # positions per chunk of the logits in the loss (0 = whole sequence)
       # where MeKi's equations (1)-(3) run: auto | tokens | vocabulary (model/meki.py)
       memory_mix='auto',
+      # compute the kernel gradients of the FFN gate/up and MeKi's output projection together
+      # with their input gradients (lower peak memory; model/layers.py, Dense)
+      weight_grad_first=True,
       meki=ml_collections.ConfigDict(dict(
           enabled=d_mem > 0,
           d_mem=d_mem,
@@ -127,6 +130,10 @@ def get_config(arg=None):
           ('batch', ('data', 'fsdp')),
           ('vocab', ('fsdp', 'tensor')),
           ('embed', 'fsdp'),
+          # The first rule whose mesh axes are still free applies: the FFN kernels' 'mlp' axis
+          # goes to 'tensor' (their 'embed' took 'fsdp'); a kernel without 'embed' (G's down
+          # projection [mlp, mem]) is sharded over both.
+          ('mlp', ('fsdp', 'tensor')),
           ('mlp', 'tensor'),
           ('heads', 'tensor'),
           ('kv_heads', 'tensor'),

@@ -87,6 +87,8 @@ def validate_model(model):
            '(0 = the whole sequence)')
   _choice('model', 'flavor', model.get('flavor', 'paper'), FLAVORS)
   _choice('model', 'memory_mix', model.memory_mix, MEMORY_MIXES)
+  _require(isinstance(model.weight_grad_first, bool),
+           f'model.weight_grad_first={model.weight_grad_first!r} must be True or False')
   meki = model.meki
   _require(isinstance(meki.d_mem, int) and meki.d_mem >= 0,
            f'model.meki.d_mem={meki.d_mem!r} must be an integer >= 0 (0 = dense baseline)')

@@ -37,10 +37,10 @@ def _from_plain(value):
 # model fields that choose how the same parameters are computed, not which parameters exist: a
 # resume may change them (e.g. remat 'full' -> 'mlp' on a larger slice)
 IMPLEMENTATION_FIELDS = ('model.remat_policy', 'model.attention', 'model.attention_block',
-                         'model.loss_chunk_len', 'model.memory_mix')
+                         'model.loss_chunk_len', 'model.memory_mix', 'model.weight_grad_first')
 # what a config.json written before a field existed stands for (configs/base.py's defaults)
 ADDED_MODEL_DEFAULTS = dict(attention='auto', attention_block=512, loss_chunk_len=256,
-                            memory_mix='auto')
+                            memory_mix='auto', weight_grad_first=True)
 
 
 def _upgrade(plain):

@@ -3,6 +3,7 @@
 import importlib
 import pathlib
 
+import ml_collections
 import pytest
 
 from configs import base
@@ -41,6 +42,14 @@ def test_nonsense_fails_naming_the_field(field, value, message):
     section = section[parent]
   section[leaf] = value
   with pytest.raises(ConfigError, match=message.replace('(', r'\(').replace('[', r'\[')):
+    validate(config)
+
+
+def test_a_switch_read_from_json_must_be_a_boolean():
+  """ml_collections refuses a string for a bool field; a hand-edited config.json does not."""
+  config = base.get_config()
+  config.model = ml_collections.ConfigDict(dict(config.model.to_dict(), weight_grad_first='yes'))
+  with pytest.raises(ConfigError, match="model.weight_grad_first='yes' must be True or False"):
     validate(config)
 
 

@@ -48,9 +48,10 @@ PROMPTS = [[5, 17, 3, 88, 41], [9, 2, 60, 33, 71, 12, 8, 50], [77]]
 RELEASE = dict(flavor='authors_release', qk_norm=False)
 
 
-@pytest.mark.parametrize('meki, flavor', [(dict(), {}), (dict(d_mem=0), {}), (dict(), RELEASE),
-                                          (dict(d_mem=0), RELEASE)],
-                         ids=['meki', 'dense', 'meki-authors_release', 'dense-authors_release'])
+@pytest.mark.parametrize('meki, flavor', [
+    pytest.param(dict(), {}, id='meki'), pytest.param(dict(d_mem=0), {}, id='dense'),
+    pytest.param(dict(), RELEASE, id='meki-authors_release', marks=pytest.mark.slow),
+    pytest.param(dict(d_mem=0), RELEASE, id='dense-authors_release', marks=pytest.mark.slow)])
 def test_cached_steps_give_the_full_forward_logits(tiny_model_config, meki, flavor):
   """Rows of different lengths, a chunked prefill, then teacher-forced single-token steps."""
   config = tiny_model_config(meki=meki, **flavor)

@@ -118,7 +118,9 @@ class MemoryMix(nn.Module):
     """Equation (3) from M rows [..., d_mem] and E rows [..., d]; either may be unused."""
     total = 0.0
     if self.uses_static:
-      total = static_rows.astype(self.mix_norm.dtype)  # (1)
+      # (1) in the table's fp32: XLA hoisted a bf16 cast here out of the layer loop, as bf16
+      # copies of every layer's table (65 MiB per device at 1.7B)
+      total = static_rows
     if self.uses_dynamic:
       if self.normed_projection:
         embed_rows = self.projection_norm(embed_rows)
@@ -160,5 +162,6 @@ class MekiBranch(nn.Module):
     memory = memory.astype(dtypes['dtype'])  # e: [batch, seq, d_mem]
     gate = Dense(meki.d_mem, ('embed', 'mem'), std=cfg.init_std, name='gate', **dtypes)(hidden)
     fused = FUSIONS[meki.fusion](memory, gate)  # (4)-(5)
-    out = Dense(cfg.d_model, ('mem', 'embed'), std=cfg.init_std, name='out', **dtypes)(fused)
+    out = Dense(cfg.d_model, ('mem', 'embed'), std=cfg.init_std, name='out',
+                weight_grad_first=cfg.weight_grad_first, **dtypes)(fused)
     return RMSNorm(axis='embed', eps=cfg.norm_eps, name='post_norm', **dtypes)(out)  # (6)

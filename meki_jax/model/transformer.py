@@ -89,7 +89,8 @@ class DecoderLayer(nn.Module):
 
     ffn_in = norm('pre_ffn_norm')(x)  # (7)
     ffn = SwiGLU(hidden=cfg.d_ff, out=cfg.d_model, std=cfg.init_std, out_std=out_std,
-                 name='mlp', **dtypes)
+                 name='mlp', weight_grad_first=('gate', 'up') if cfg.weight_grad_first else (),
+                 **dtypes)
     residual, x = x, x + ffn(ffn_in)
     if meki_position == 'parallel_ffn':
       # (8): H' = FFN(H) + MeKi(H) + A; authors_release: MeKi(A) (TE fuses the norm into the FFN)

@@ -55,6 +55,7 @@ def test_vocabulary_mix_equals_token_mix(tiny_model_config, memory, flavor):
   _assert_same_model(config, params, tokens)
 
 
+@pytest.mark.slow
 def test_vocabulary_mix_equals_token_mix_on_a_mesh(tiny_model_config):
   """Tables, embedding and batch sharded as in the recipe (vocab over fsdp x tensor)."""
   config, params, tokens = _model_and_data(tiny_model_config, vocab_size=96)

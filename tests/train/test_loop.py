@@ -40,6 +40,7 @@ def test_training_lowers_the_loss(tmp_path):
   assert run_config.load(str(tmp_path)).model.to_dict() == small_config(30).model.to_dict()
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_losses_exactly(tmp_path):
   uninterrupted = small_config(6, checkpoint_every=3)
   train(uninterrupted, str(tmp_path / 'whole'))

@@ -36,7 +36,7 @@ def model_config(*, num_layers, d_model, num_heads, num_kv_heads, d_ff, d_mem):
       flavor='paper',
       dtype='bfloat16',  # activations; parameters stay in param_dtype
       param_dtype='float32',
-      remat_policy='mlp',  # none | mlp | full; 'mlp' = the recipe's selective recompute
+      remat_policy='mlp',  # none | mlp | mlp_qkv | full; mlp: the recipe's selective recompute
       attention='auto',  # auto | xla | blocked | splash (model/attention.py)
       attention_block=512,  # positions per block of the blocked and splash attentions
       loss_chunk_len=256,  # positions per chunk of the logits in the loss (0 = whole sequence)

@@ -32,6 +32,11 @@ REMAT_POLICIES = {
     # hidden activations and the MeKi branch (parallel to the FFN, an MLP of its own).
     'mlp': jax.checkpoint_policies.save_only_these_names('query', 'key', 'value', 'context',
                                                          'attn_out'),
+    # 'mlp' that also recomputes q, k and v (projections, norms, RoPE): keep only the attention's
+    # output (with the splash kernel: its output and logsumexp, the kernel's named residuals)
+    # and the output projection. The backward pass runs the v projection again; q and k's run
+    # again under 'mlp' too when q/k RMSNorm is on (its gradient needs their pre-norm values).
+    'mlp_qkv': jax.checkpoint_policies.save_only_these_names('context', 'attn_out'),
     'full': jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input
 }
 

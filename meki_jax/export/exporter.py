@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from meki_jax import fold
-from meki_jax.export import backbone, memory_store
+from meki_jax.export import backbone, memory_store, table_quant
 from meki_jax.export.checkpoint_reader import (CheckpointParams, TreeParams, checkpoint_step_dir,
                                                read_blocks, subtree)
 from meki_jax.model.transformer import build_model, meki_enabled
@@ -190,7 +190,8 @@ def export_checkpoint(step_dir, model_config, out, **kwargs):
 def export_folded(params, model_config, out, **kwargs):
   """Writes the export directory `out` from training params (unboxed numpy, scanned layout).
 
-  dtype: the tables' (float32 | bfloat16 | float16); backbone_dtype: the safetensors'.
+  dtype: the tables' storage scheme (export/table_quant.py: float32 | bfloat16 | float16 |
+  int8 | int4, int4 in groups of `table_group_size` values); backbone_dtype: the safetensors'.
   source: {'checkpoint', 'step'}; vocabulary: see `vocabulary_record` (default: size only).
   With process_count > 1 every process calls this with the same `run_id` and its own
   process_index; process 0 returns after the last one has written its slice.
@@ -199,16 +200,20 @@ def export_folded(params, model_config, out, **kwargs):
   return _export(TreeParams(params), model_config, out, **kwargs)
 
 
-def _export(params, model_config, out, *, dtype='float16', backbone_dtype='float32',
-            rows_per_shard=fold.DEFAULT_CHUNK_ROWS, source=None, vocabulary=None,
+def _export(params, model_config, out, *, dtype='float16', table_group_size=32,
+            backbone_dtype='float32', rows_per_shard=fold.DEFAULT_CHUNK_ROWS, source=None, vocabulary=None,
             overwrite=False, process_index=0, process_count=1, run_id=None,
             timeout_seconds=24 * 3600, read_bytes=DEFAULT_READ_BYTES):
   for baseline in ('ple', 'engram'):
     if baseline in model_config and model_config[baseline].enabled:
       raise ValueError(f'model.{baseline}.enabled: the device graph (export/torch_model.py) has '
                        f'no {baseline} branch, so this model cannot be exported')
-  if dtype not in memory_store.DTYPES:
-    raise ValueError(f'dtype={dtype!r} is not one of {tuple(memory_store.DTYPES)}')
+  scheme = table_quant.TableScheme(dtype, table_group_size if dtype == 'int4' else 0)
+  if meki_enabled(model_config):
+    scheme.check_width(model_config.meki.d_mem)
+  if backbone_dtype not in table_quant.FLOAT_SCHEMES:
+    raise ValueError(f'backbone_dtype={backbone_dtype!r} is not one of '
+                     f'{table_quant.FLOAT_SCHEMES}')
   if process_count > 1 and not run_id:
     raise ValueError('process_count > 1 needs a run_id shared by all processes of the export')
   run_id = run_id or uuid.uuid4().hex
@@ -221,7 +226,7 @@ def _export(params, model_config, out, *, dtype='float16', backbone_dtype='float
   memory_entry = None
   if meki_enabled(model_config):
     shape = (model_config.vocab_size, model_config.num_layers, model_config.meki.d_mem)
-    writer = memory_store.TableWriter(temporary, shape, dtype, rows_per_shard)
+    writer = memory_store.TableWriter(temporary, shape, scheme, rows_per_shard)
     memory = memory_params(params)
     shards = memory_store.process_shards(len(writer.ranges), process_index, process_count)
     for index in tqdm(shards, desc=f'fold M~ ({model_config.num_layers} layers)', unit='shard'):
@@ -230,7 +235,7 @@ def _export(params, model_config, out, *, dtype='float16', backbone_dtype='float
     memory_store.write_part(temporary, run_id, process_index, process_count, writer.finish())
     if process_index == 0:
       records = memory_store.collect_parts(temporary, run_id, process_count, timeout_seconds)
-      memory_entry = memory_store.memory_manifest(shape, dtype, rows_per_shard, records)
+      memory_entry = memory_store.memory_manifest(shape, scheme, rows_per_shard, records)
   if process_index != 0:
     return None
 

@@ -120,20 +120,21 @@ def untie_output(model):
   return model
 
 
-def _is_float_linear(module, group_size):
-  return (isinstance(module, nn.Linear) and type(module.weight) is nn.Parameter and
-          module.weight.shape[1] % group_size == 0)
-
-
 def quantize_linears(model, group_size):
-  """torchao 8da4w on every Linear whose input width `group_size` divides (optimum-executorch's
-  --qlinear 8da4w with its default HQQ scale choice); the others stay float."""
+  """torchao 8da4w on every Linear (optimum-executorch's --qlinear 8da4w with its default HQQ
+  scale choice). Fails naming the layers whose input width `group_size` does not divide."""
   from torchao.quantization.granularity import PerGroup
   from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig, quantize_
+  linears = {name: module.in_features for name, module in model.named_modules()
+             if isinstance(module, nn.Linear)}
+  misfits = {name: width for name, width in linears.items() if width % group_size}
+  if misfits:
+    raise ValueError(f'--group_size={group_size} does not divide the input width of '
+                     f'{len(misfits)} linear layers, e.g. {dict(list(misfits.items())[:3])}')
   config = Int8DynamicActivationIntxWeightConfig(
       weight_dtype=torch.int4, weight_granularity=PerGroup(group_size),
       intx_choose_qparams_algorithm='hqq_scale_only')
-  quantize_(model, config, filter_fn=lambda module, _: _is_float_linear(module, group_size))
+  quantize_(model, config, filter_fn=lambda module, _: isinstance(module, nn.Linear))
   return model
 
 

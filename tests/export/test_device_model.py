@@ -143,6 +143,11 @@ def test_a_scheme_is_required_exactly_for_meki(tiny_model_config):
   with pytest.raises(ValueError, match="logits='first' is not one of"):
     device_model.DeviceModel(MekiForCausalLM(config.to_dict()), cache_len=8,
                              scheme=table_quant.TableScheme('int8'), logits='first')
+  with pytest.raises(ValueError, match=r"group_size=16 does not divide the input width of 2 .*"
+                     r"'model.layers.0.meki.out_proj': 8"):
+    device_model.build_device_model(MekiForCausalLM(config.to_dict()), cache_len=8,
+                                    scheme=table_quant.TableScheme('int8'), qlinear='8da4w',
+                                    group_size=16)
   with pytest.raises(ValueError, match="qlinear='4w'"):
     device_model.build_device_model(MekiForCausalLM(config.to_dict()), cache_len=8,
                                     scheme=table_quant.TableScheme('int8'), qlinear='4w')

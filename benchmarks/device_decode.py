@@ -5,9 +5,9 @@ MeKi-0.6B programs, same quantization, one run, interleaved.
       [--steps=64] [--rounds=3] [--prefill=512] [--chunk=1024] [--group_size=32]
 
 Builds, once per --work_dir (kept for later runs; each artefact is verified when loaded):
-  qwen3-0.6b/    a Hugging Face Qwen3-0.6B of the real shape (28 layers, d 1024, 16/8 heads,
-                 vocabulary 151,936, tied embeddings; rope_theta 500,000 as in our configs)
-                 with random weights, saved with transformers: nothing is downloaded
+  qwen3-0.6b/    a Hugging Face Qwen3-0.6B of the real shape and config (28 layers, d 1024,
+                 16/8 heads, vocabulary 151,936, tied embeddings, rope_theta 10^6) with random
+                 weights, saved with transformers: nothing is downloaded
   peer/model.pte optimum-executorch's export of it, run from its own virtual environment
                  (peer-venv/: optimum-executorch==1.1.0, torch==2.13.0, executorch==1.5.1):
                  `optimum-cli export executorch --recipe xnnpack --use_custom_sdpa
@@ -26,6 +26,7 @@ and the file sizes; writes results.json to --work_dir.
 """
 
 import argparse
+import os
 import json
 import multiprocessing
 import pathlib
@@ -37,11 +38,12 @@ import time
 
 import numpy as np
 
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # the builds run JAX on the CPU
 PEER_PACKAGES = ('torch==2.13.0', 'executorch==1.5.1', 'optimum-executorch==1.1.0')
 HF_VOCAB = 151_936  # Qwen3's Hugging Face configs; ours is 151,680 (spec section 1)
 QWEN3_0P6B = dict(vocab_size=HF_VOCAB, hidden_size=1024, intermediate_size=3072,
                   num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-                  head_dim=128, rope_theta=500_000.0, rms_norm_eps=1e-6,
+                  head_dim=128, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
                   tie_word_embeddings=True, max_position_embeddings=40_960)
 MODELS = ('peer', 'dense', 'meki')
 
@@ -103,7 +105,7 @@ def build_ours(work, hf_dir, name, cache_len, group_size):
   from meki_jax.convert import hf_qwen3
   from meki_jax.export import exporter, to_device
   config = (dense_0p6b if name == 'dense' else meki_0p6b).get_config()
-  config.model.dtype = 'float32'
+  config.model.update(dtype='float32', rope_theta=QWEN3_0P6B['rope_theta'])
   backbone = hf_qwen3.load_hf_qwen3(hf_dir, config.model)
   params = backbone if name == 'dense' else random_meki_params(config, backbone)
   del backbone
@@ -297,7 +299,7 @@ def main():
   args = parser.parse_args()
   work = args.work_dir.absolute()
   cache_len = max(args.contexts) + args.steps
-  cache_len += -cache_len % 64
+  cache_len += -cache_len % 128
   hf_dir = work / 'qwen3-0.6b'
   if args.build == 'hf':
     return build_hf_model(hf_dir)

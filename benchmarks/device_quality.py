@@ -13,20 +13,23 @@ rows (the trainer's evaluation stream, at least --tokens loss tokens) segment by
 """
 
 import argparse
+import os
 import pathlib
 import subprocess
 import sys
 
-import jax
-import numpy as np
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # a CPU benchmark: libtpu, if installed, stays idle
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
-from meki_jax import run_config
-from meki_jax.config import validate
-from meki_jax.data.pipeline import make_eval_dataset
-from meki_jax.export import device_eval, device_runtime, exporter, memory_store, to_device
-from meki_jax.export.checkpoint_reader import checkpoint_step_dir
-from meki_jax.model.transformer import build_model
-from meki_jax.train import step as step_lib
+from meki_jax import run_config  # noqa: E402
+from meki_jax.config import validate  # noqa: E402
+from meki_jax.data.pipeline import make_eval_dataset  # noqa: E402
+from meki_jax.export import (device_eval, device_runtime, exporter, memory_store,  # noqa: E402
+                             to_device)
+from meki_jax.export.checkpoint_reader import checkpoint_step_dir  # noqa: E402
+from meki_jax.model.transformer import build_model  # noqa: E402
+from meki_jax.train import step as step_lib  # noqa: E402
 
 VARIANTS = (  # (name, table scheme, qlinear, qembedding)
     ('fp32 tables, fp32 backbone', 'float32', None, None),

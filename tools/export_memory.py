@@ -2,15 +2,17 @@
 
   python tools/export_memory.py --checkpoint=runs/quickstart[/checkpoints/120] \
       --out=exports/quickstart [--config=configs/quickstart.py] [--dtype=float16|int8|int4]
-      [--table_group_size=32] [--backbone_dtype=float32] [--rows_per_shard=8192] [--read_mb=512] [--overwrite]
+      [--table_group_size=32] [--backbone_dtype=float32] [--rows_per_shard=8192] [--read_mb=512]
+      [--overwrite]
 
 --checkpoint is a step directory or a workdir (its latest step); the config defaults to the
 workdir's config.json (written by the trainer). Only the parameters the export needs are read
 from the checkpoint, array by array (never the optimizer state): MeKi-4B exports in under 8 GB
 of RAM (README). --dtype is the tables' storage scheme: float32/float16/bfloat16 values, or int8
 with a float16 scale per token and layer, or int4 with a float16 scale per --table_group_size
-values (export/table_quant.py; the device programs dequantize). NaN or infinite parameters or folded rows fail the export, naming them. An existing --out is left
-untouched unless --overwrite. On several hosts run it once per host with --process_index,
+values (export/table_quant.py; the device programs dequantize). NaN or infinite parameters or
+folded rows fail the export, naming them. An existing --out is left untouched unless
+--overwrite. On several hosts run it once per host with --process_index,
 --process_count and one --run_id; each host folds and writes its own vocabulary slice and
 process 0 publishes the export when all are done (--out must be on a shared file system).
 """

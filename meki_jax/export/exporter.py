@@ -201,8 +201,8 @@ def export_folded(params, model_config, out, **kwargs):
 
 
 def _export(params, model_config, out, *, dtype='float16', table_group_size=32,
-            backbone_dtype='float32', rows_per_shard=fold.DEFAULT_CHUNK_ROWS, source=None, vocabulary=None,
-            overwrite=False, process_index=0, process_count=1, run_id=None,
+            backbone_dtype='float32', rows_per_shard=fold.DEFAULT_CHUNK_ROWS, source=None,
+            vocabulary=None, overwrite=False, process_index=0, process_count=1, run_id=None,
             timeout_seconds=24 * 3600, read_bytes=DEFAULT_READ_BYTES):
   for baseline in ('ple', 'engram'):
     if baseline in model_config and model_config[baseline].enabled:

@@ -11,9 +11,10 @@
 
 Each shard file (memory.zarr/c/<i>/0/0) holds `rows_per_shard` tokens; inside it every token is
 its own chunk [1, num_layers, width] followed by a crc32c, so one token's rows for all layers are
-one contiguous read (MeKi-1.7B in fp16: 28 x 256 x 2 B = 14 KB; in int8 28 x 258 B = 7.1 KB) and
-a flipped bit in it fails that read. Writes go to a temporary directory renamed into place; several processes can each
-write their own vocabulary slice (whole shards) into it, and process 0 publishes the result.
+one contiguous read (MeKi-1.7B in fp16: 28 x 256 x 2 B = 14 KB; in int8 28 x 258 B = 7.1 KB)
+and a flipped bit in it fails that read. Writes go to a temporary directory renamed into place;
+several processes can each write their own vocabulary slice (whole shards) into it, and process
+0 publishes the result.
 Imports numpy, tensorstore, json and hashlib only: the JAX exporter and the PyTorch side share it.
 """
 

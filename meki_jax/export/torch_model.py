@@ -158,7 +158,6 @@ class DecoderLayer(nn.Module):
     self.post_attention_layernorm = RMSNorm(d, eps)
     self.mlp = SwiGLU(d, config['d_ff'])
     self.position = config['meki']['position'] if meki_enabled(config) else None
-    self.raw_gate_input = config.get('flavor', 'paper') == 'authors_release'
     if self.position is not None:
       self.meki = MekiBranch(config)
 
@@ -166,9 +165,7 @@ class DecoderLayer(nn.Module):
     """x [b, t, d], memory_rows [b, t, m] or None -> (x, *the attention's cache outputs).
 
     attention_inputs: what `self_attn` takes after its input (Attention: cos, sin, positions,
-    keys, values; it returns the new keys and values). In the authors_release flavor (spec 6a
-    point 1) the branch parallel to the FFN reads the raw residual x, not the FFN's normalised
-    input.
+    keys, values; it returns the new keys and values).
     """
     attn_in = self.input_layernorm(x)
     attn, *cache = self.self_attn(attn_in, *attention_inputs)
@@ -178,9 +175,9 @@ class DecoderLayer(nn.Module):
     elif self.position == 'after_attention':
       x = x + self.meki(self.meki.pre_norm(x), memory_rows)
     ffn_in = self.post_attention_layernorm(x)  # (7)
-    residual, x = x, x + self.mlp(ffn_in)
+    x = x + self.mlp(ffn_in)
     if self.position == 'parallel_ffn':  # (8): H' = FFN(H) + MeKi(H) + A
-      x = x + self.meki(residual if self.raw_gate_input else ffn_in, memory_rows)
+      x = x + self.meki(ffn_in, memory_rows)
     elif self.position == 'after_ffn':
       x = x + self.meki(self.meki.pre_norm(x), memory_rows)
     return (x, *cache)

@@ -43,22 +43,31 @@ ADDED_MODEL_DEFAULTS = dict(attention='auto', attention_block=512, loss_chunk_le
                             memory_mix='auto', weight_grad_first=True)
 
 
-def _upgrade(plain):
-  """A config.json written before model.flavor, data.mask_eod_input and the attention and loss
-  fields existed -> today's keys (ADDED_MODEL_DEFAULTS for the latter).
+def _upgrade(plain, path):
+  """A config.json (at `path`) written before model.flavor, data.mask_eod_input, data.packing
+  and the attention and loss fields existed -> today's keys (ADDED_MODEL_DEFAULTS for the latter).
 
-  Such runs are the `paper` flavor with per-document attention; their `data.mask_eod_target`
-  (loss masked where the TARGET is EOD) is replaced by today's Megatron semantics.
+  Such runs are the `paper` flavor with per-document packing; their `data.mask_eod_target`
+  (loss masked where the TARGET is EOD) is replaced by today's Megatron semantics. Raises
+  ValueError for an `authors_release` run from before data.packing: that flavor's network
+  changed (its MeKi gate read the raw residual), so its checkpoints are not today's flavor.
   """
-  if 'model' in plain:
-    plain['model'].setdefault('flavor', 'paper')
+  model, data = plain.get('model'), plain.get('data')
+  if model is not None:
+    model.setdefault('flavor', 'paper')
     for key, value in ADDED_MODEL_DEFAULTS.items():
-      plain['model'].setdefault(key, value)
-  data = plain.get('data')
+      model.setdefault(key, value)
   if data is not None and 'mask_eod_target' in data:
     del data['mask_eod_target']
     data.setdefault('mask_eod_input', True)
-    data.setdefault('attention_per_document', True)
+  if data is not None and 'packing' not in data:
+    if model is not None and model['flavor'] == 'authors_release':
+      raise ValueError(f'{path} is a model.flavor=authors_release run from before the flavor was '
+                       'corrected (MeKi gate on the raw residual, positions reset per document): '
+                       'today\'s flavor is a different network on the same parameters; train it '
+                       'again in a new --workdir')
+    data.pop('attention_per_document', None)
+    data['packing'] = 'documents'
   return plain
 
 
@@ -85,7 +94,7 @@ def check(config, workdir):
     return
   with open(path) as f:
     try:
-      saved = _upgrade(json.load(f))
+      saved = _upgrade(json.load(f), path)
     except json.JSONDecodeError as error:
       raise ValueError(f'{path} is not valid JSON: {error}') from error
   changed = _differences(saved.get('model', {}), _to_plain(config)['model'], 'model')
@@ -120,4 +129,4 @@ def load(workdir):
       plain = json.load(f)
     except json.JSONDecodeError as error:
       raise ValueError(f'{path} is not valid JSON: {error}') from error
-  return ml_collections.ConfigDict(_from_plain(_upgrade(plain)))
+  return ml_collections.ConfigDict(_from_plain(_upgrade(plain, path)))

@@ -74,11 +74,33 @@ def test_implementation_fields_may_change_and_old_files_get_their_defaults(tmp_p
 def test_a_config_written_before_flavors_loads_as_the_paper_flavor(tmp_path):
   """Workdirs of earlier runs: no model.flavor, data.mask_eod_target (the old EOD loss)."""
   plain = json.loads(json.dumps(quickstart.get_config().to_dict()))
-  del plain['model']['flavor'], plain['data']['mask_eod_input']
-  del plain['data']['attention_per_document']
+  del plain['model']['flavor'], plain['data']['mask_eod_input'], plain['data']['packing']
   plain['data']['mask_eod_target'] = True
   (tmp_path / 'config.json').write_text(json.dumps(plain))
   loaded = validate(run_config.load(str(tmp_path)))
   assert loaded.model.flavor == 'paper' and 'mask_eod_target' not in loaded.data
-  assert loaded.data.mask_eod_input and loaded.data.attention_per_document
+  assert loaded.data.mask_eod_input and loaded.data.packing == 'documents'
   run_config.save(quickstart.get_config(), str(tmp_path))  # a resume is the same model
+
+
+def test_a_config_written_before_data_packing_loads_with_documents(tmp_path):
+  plain = json.loads(json.dumps(quickstart.get_config().to_dict()))
+  del plain['data']['packing']
+  plain['data']['attention_per_document'] = True
+  (tmp_path / 'config.json').write_text(json.dumps(plain))
+  loaded = validate(run_config.load(str(tmp_path)))
+  assert loaded.data.packing == 'documents' and 'attention_per_document' not in loaded.data
+
+
+def test_an_authors_release_run_from_before_its_correction_is_refused(tmp_path):
+  """Its gate read the raw residual: the same parameters are another network today."""
+  plain = json.loads(json.dumps(quickstart.get_config('flavor=authors_release').to_dict()))
+  del plain['data']['packing']
+  plain['data']['attention_per_document'] = False
+  (tmp_path / 'config.json').write_text(json.dumps(plain))
+  for call in (lambda: run_config.load(str(tmp_path)),
+               lambda: run_config.save(quickstart.get_config('flavor=authors_release'),
+                                       str(tmp_path))):
+    with pytest.raises(ValueError, match=r'config.json is a model.flavor=authors_release run '
+                       'from before the flavor was corrected'):
+      call()

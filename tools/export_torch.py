@@ -8,20 +8,24 @@ shard shapes and dtypes, checksums, vocabulary) before anything is traced. Write
 (2..cache_len tokens), decode.pt2 (one token), model.pte (both as methods, XNNPACK on CPU) and
 device.json (inputs, outputs, shapes, and each program's size and sha256 bound to the
 sha256 of --memory's manifest.json: run_device.py refuses programs of another export or damaged). The folded tables stay in --memory: the application
-gathers each token's rows from them and passes them as the `memory_rows` input.
+gathers each token's rows from them and passes them as the `memory_rows` input. --overwrite
+replaces only a device export, once the new one is complete, and never --memory or a directory
+inside or around it.
 Needs only torch, tensorstore and safetensors (and executorch for the .pte), not jax.
 """
 
-import argparse
+from meki_jax import cli
 
-from meki_jax.extras import require_extra
+cli.start(__name__)  # before torch is imported: Ctrl-C is one line from here on
+
+from meki_jax.extras import require_extra  # noqa: E402
 
 require_extra('device', 'torch')
 from meki_jax.export import to_device  # noqa: E402  (after the check for torch)
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--memory', required=True, help='an export directory (export_memory.py)')
   parser.add_argument('--out', required=True, help='the directory to create')
   parser.add_argument('--cache_len', type=int, default=2048, help='KV cache slots')
@@ -38,4 +42,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(main)

@@ -13,16 +13,17 @@ of --runtime must have the size and sha256 it records; otherwise it exits naming
 (for --runtime=pte) executorch; not jax.
 """
 
-import argparse
-import sys
+from meki_jax import cli
 
-from meki_jax.extras import require_extra
+cli.start(__name__)  # before torch is imported: Ctrl-C is one line from here on
+
+from meki_jax.extras import require_extra  # noqa: E402
 
 require_extra('device', 'torch')
 import torch  # noqa: E402  (after the check for it)
 from tqdm import tqdm  # noqa: E402
 
-from meki_jax.export import memory_store, to_device  # noqa: E402
+from meki_jax.export import to_device  # noqa: E402
 
 PROGRESS_MIN_TOKENS = 8  # a progress bar for longer generations
 
@@ -50,7 +51,7 @@ def generate(session, prompt_ids, max_new_tokens, eod_id):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--memory', required=True, help="export_memory.py's directory")
   parser.add_argument('--device', required=True, help="export_torch.py's directory")
   parser.add_argument('--prompt', help='prompt text (tokenised with the manifest\'s tokenizer)')
@@ -61,10 +62,8 @@ def main():
   if (args.prompt is None) == (args.token_ids is None):
     parser.error('pass exactly one of --prompt and --token_ids')
 
-  try:  # the bundle first: programs of another export, or damaged, are refused
-    device, prefill, decode = to_device.device_runners(args.device, args.memory, args.runtime)
-  except memory_store.ExportError as error:
-    sys.exit(f'error: {error}')
+  # the bundle first: programs of another export, or damaged, are refused
+  device, prefill, decode = to_device.device_runners(args.device, args.memory, args.runtime)
   model, memory, manifest = to_device.load_export(args.memory)
   vocabulary = manifest.get('vocabulary') or {}
   tokenizer = None
@@ -94,4 +93,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(main)

@@ -14,7 +14,6 @@ never jax or flax; executorch only when a .pte is lowered.
 import hashlib
 import json
 import pathlib
-import shutil
 import zipfile
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
+from meki_jax import files
 from meki_jax.export import backbone, memory_store
 from meki_jax.export.torch_model import MekiForCausalLM
 
@@ -33,6 +33,7 @@ DEVICE_FORMAT = 'meki-device'
 DEVICE_VERSION = 2  # 2: device.json binds each program's sha256 to the memory manifest's
 PTE = 'model.pte'
 RUNTIME_FILES = {'pt2': ('prefill', 'decode'), 'pte': ('executorch',)}  # entries of 'files'
+DEVICE_EXPORT = files.Kind('device export', manifest=DEVICE_MANIFEST, format=DEVICE_FORMAT)
 # The shortest prefill chunk: torch.export specialises a dynamic dimension seen as 1, so a
 # single token (a one-token prompt, or the last one of an odd chunking) goes to `decode`.
 MIN_PREFILL = 2
@@ -136,12 +137,12 @@ def write_device_export(directory, out, *, cache_len, batch=1, executorch=True, 
                         verify_checksums=True):
   """Writes prefill.pt2, decode.pt2, model.pte (with `executorch`) and device.json to `out`.
 
-  `out` is assembled in a temporary directory and renamed into place; an existing `out` is
-  replaced only with `overwrite`. Returns the device manifest.
+  `out` is assembled beside it and swapped into place (files.replacing): an existing `out` is
+  replaced only with `overwrite`, only if it is a device export, and never if it is, contains
+  or lies inside the memory export `directory`. Returns the device manifest.
   """
   out = pathlib.Path(out)
-  if out.exists() and not overwrite:
-    raise FileExistsError(f'{out} exists; pass --overwrite to replace it')
+  files.check_output(out, DEVICE_EXPORT, overwrite=overwrite, sources=(directory,))
   steps = ['check and load the export', 'torch.export prefill and decode', 'save .pt2']
   steps += ['lower to ExecuTorch (XNNPACK)'] if executorch else []
   with tqdm(total=len(steps), desc='export_torch', unit='step') as progress:
@@ -154,29 +155,27 @@ def write_device_export(directory, out, *, cache_len, batch=1, executorch=True, 
     step(1)
     programs = export_programs(model, memory_dtype, cache_len, batch)
     step(2)
-    temporary = memory_store.temporary_directory(out)
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
-    files = {}
-    for name, program in programs.items():
-      torch.export.save(program, temporary / f'{name}.pt2')
-      files[name] = f'{name}.pt2'
-    if executorch:
-      step(3)
-      (temporary / PTE).write_bytes(lower_to_executorch(programs))
-      files['executorch'] = PTE
-    step(len(steps))
-  device = {'format': DEVICE_FORMAT, 'version': DEVICE_VERSION,
-            'source': str(pathlib.Path(directory).absolute()),
-            'source_manifest_sha256': memory_store.file_record(
-                pathlib.Path(directory) / memory_store.MANIFEST)['sha256'],
-            'cache_len': cache_len, 'batch': batch,
-            'files': {name: {'file': file, **memory_store.file_record(temporary / file)}
-                      for name, file in files.items()},
-            'signature': _signature(model, memory_dtype, cache_len, batch)}
-  device['binding_sha256'] = binding_digest(device)
-  (temporary / DEVICE_MANIFEST).write_text(json.dumps(device, indent=1) + '\n')
-  memory_store.publish(temporary, out, overwrite)
+    with files.replacing(out, DEVICE_EXPORT, overwrite=overwrite,
+                         sources=(directory,)) as temporary:
+      program_files = {}
+      for name, program in programs.items():
+        torch.export.save(program, temporary / f'{name}.pt2')
+        program_files[name] = f'{name}.pt2'
+      if executorch:
+        step(3)
+        (temporary / PTE).write_bytes(lower_to_executorch(programs))
+        program_files['executorch'] = PTE
+      step(len(steps))
+      device = {'format': DEVICE_FORMAT, 'version': DEVICE_VERSION,
+                'source': str(pathlib.Path(directory).absolute()),
+                'source_manifest_sha256': memory_store.file_record(
+                    pathlib.Path(directory) / memory_store.MANIFEST)['sha256'],
+                'cache_len': cache_len, 'batch': batch,
+                'files': {name: {'file': file, **memory_store.file_record(temporary / file)}
+                          for name, file in program_files.items()},
+                'signature': _signature(model, memory_dtype, cache_len, batch)}
+      device['binding_sha256'] = binding_digest(device)
+      (temporary / DEVICE_MANIFEST).write_text(json.dumps(device, indent=1) + '\n')
   return device
 
 

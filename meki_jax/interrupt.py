@@ -24,8 +24,8 @@ import signal
 import sys
 import threading
 
-_names = {}  # 'program': how the one line names the program
-_installed = {}  # 'program' once the watcher thread takes the signals
+_state = {'program': None,  # how the one line names the program
+          'watching': False}  # whether the watcher thread takes the signals
 _cleanups = []  # run newest first by an exit on a signal
 _deferred = []  # the open Deferred, if any
 _exiting = threading.Lock()
@@ -37,15 +37,15 @@ def install(program):
   A SIGINT ignored by whoever started the program (a background job of a script) stays ignored,
   as Python itself leaves it.
   """
-  if _installed or signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+  if _state['watching'] or signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     return
-  _names['program'] = program
+  _state['program'] = program
   signal.signal(signal.SIGINT, _python_handler)  # acts itself until the watcher is installed
   read_end, write_end = os.pipe()
   os.set_blocking(write_end, False)
   threading.Thread(target=_watch, args=(read_end,), name='meki-interrupt', daemon=True).start()
   signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)  # from now on both see a signal
-  _installed['program'] = program  # and only the watcher acts
+  _state['watching'] = True  # and only the watcher acts
 
 
 def _watch(read_end):
@@ -58,7 +58,7 @@ def _python_handler(signum, frame):
   """Runs in the main thread when it next executes Python code; with the watcher installed the
   watcher has acted already."""
   del frame
-  if not _installed:
+  if not _state['watching']:
     _handle(signum)
 
 
@@ -74,7 +74,7 @@ def _exit(message):
   main thread may both get here for a signal that arrived during `install`)."""
   if not _exiting.acquire(blocking=False):
     return
-  program = _names.get('program') or os.path.basename(sys.argv[0] or 'python')
+  program = _state['program'] or os.path.basename(sys.argv[0] or 'python')
   os.write(2, f'\n{program}: {message}\n'.encode())
   for function in reversed(list(_cleanups)):
     try:
@@ -118,7 +118,7 @@ class Deferred:
     self.first_message, self.second_message = first_message, second_message
     self.requested = False
     self._previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _python_handler)}
-    if not _installed:
+    if not _state['watching']:
       self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, _python_handler)
     _deferred.append(self)
 

@@ -11,20 +11,24 @@ from the checkpoint, array by array (never the optimizer state): MeKi-4B exports
 of RAM (README). --dtype is the tables' storage scheme: float32/float16/bfloat16 values, or int8
 with a float16 scale per token and layer, or int4 with a float16 scale per --table_group_size
 values (export/table_quant.py; the device programs dequantize). NaN or infinite parameters or
-folded rows fail the export, naming them. An existing --out is left untouched unless
---overwrite. On several hosts run it once per host with --process_index,
+folded rows fail the export, naming them. A workdir's damaged newest steps are skipped, naming
+them (the trainer's rule). An existing --out is left untouched unless --overwrite, which replaces
+only a memory export, once the new one is complete, and never the checkpoint's workdir or a
+directory inside or around it. On several hosts run it once per host with --process_index,
 --process_count and one --run_id; each host folds and writes its own vocabulary slice and
 process 0 publishes the export when all are done (--out must be on a shared file system).
 """
 
-import os
+from meki_jax import cli
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+cli.start(__name__)  # before jax is imported: Ctrl-C is one line from here on
 
-from meki_jax import fold, run_config
-from meki_jax.config import validate
-from meki_jax.export import exporter, table_quant
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from meki_jax import files, fold, run_config  # noqa: E402
+from meki_jax.config import validate  # noqa: E402
+from meki_jax.export import exporter, memory_store, table_quant  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'The run\'s config (configs/*.py[:arg]); '
                                           'default: <workdir>/config.json.', lock_config=True)
@@ -51,16 +55,17 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
+  workdir = exporter.workdir_of(_CHECKPOINT.value)
+  files.check_output(_OUT.value, memory_store.EXPORT, overwrite=_OVERWRITE.value,
+                     sources=(workdir,))  # before the checkpoint is verified
   step_dir = exporter.checkpoint_step_dir(_CHECKPOINT.value)
-  config = validate(_CONFIG.value or run_config.load(step_dir.parent.parent))
-  if os.path.exists(_OUT.value) and not _OVERWRITE.value:  # before the restore, not after
-    raise FileExistsError(f'{_OUT.value} exists; pass --overwrite to replace it')
+  config = validate(_CONFIG.value or run_config.load(workdir))
   step = int(step_dir.name)
   manifest = exporter.export_checkpoint(
       step_dir, config.model, _OUT.value, dtype=_DTYPE.value,
       table_group_size=_TABLE_GROUP_SIZE.value,
       backbone_dtype=_BACKBONE_DTYPE.value, rows_per_shard=_ROWS_PER_SHARD.value,
-      overwrite=_OVERWRITE.value, read_bytes=_READ_MB.value << 20,
+      overwrite=_OVERWRITE.value, sources=(workdir,), read_bytes=_READ_MB.value << 20,
       vocabulary=exporter.vocabulary_record(config.data, config.model.vocab_size),
       process_index=_PROCESS_INDEX.value, process_count=_PROCESS_COUNT.value,
       run_id=_RUN_ID.value)
@@ -74,4 +79,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['checkpoint', 'out'])
-  app.run(main)
+  cli.run_absl(main)

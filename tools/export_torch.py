@@ -16,19 +16,23 @@ the embedding to int8 rows (torchao; what optimum-executorch's flags of the same
 folded tables stay in --memory, stored in the scheme export_memory.py chose (--dtype): the
 application reads each token's rows from them and passes them in; the programs dequantize.
 --logits=last returns the last position's logits from prefill (what generation needs), all
-every position's. Needs torch, torchao, tensorstore, safetensors and executorch, not jax.
+every position's. --overwrite replaces only a device export, once the new one is complete, and
+never --memory or a directory inside or around it. Needs torch, torchao, tensorstore,
+safetensors and executorch, not jax.
 """
 
-import argparse
+from meki_jax import cli
 
-from meki_jax.extras import require_extra
+cli.start(__name__)  # before torch is imported: Ctrl-C is one line from here on
+
+from meki_jax.extras import require_extra  # noqa: E402
 
 require_extra('device', 'torch')
 from meki_jax.export import device_model, to_device  # noqa: E402  (after the check for torch)
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--memory', required=True, help='an export directory (export_memory.py)')
   parser.add_argument('--out', required=True, help='the directory to create')
   parser.add_argument('--cache_len', type=int, default=2048, help='KV cache slots')
@@ -53,4 +57,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(main)

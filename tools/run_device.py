@@ -14,10 +14,11 @@ manifest's tokenizer, the text. Before anything runs, the bundle is checked
 otherwise it exits naming the file. Imports torch, tensorstore and executorch; not jax.
 """
 
-import argparse
-import sys
+from meki_jax import cli
 
-from meki_jax.extras import require_extra
+cli.start(__name__)  # before torch is imported: Ctrl-C is one line from here on
+
+from meki_jax.extras import require_extra  # noqa: E402
 
 require_extra('device', 'torch')
 import torch  # noqa: E402  (after the check for it)
@@ -51,7 +52,7 @@ def generate(session, prompt_ids, max_new_tokens, eod_id):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--memory', required=True, help="export_memory.py's directory")
   parser.add_argument('--device', required=True, help="export_torch.py's directory")
   parser.add_argument('--prompt', help='prompt text (tokenised with the manifest\'s tokenizer)')
@@ -62,11 +63,8 @@ def main():
   if (args.prompt is None) == (args.token_ids is None):
     parser.error('pass exactly one of --prompt and --token_ids')
 
-  try:  # the bundle first: programs of another export, or damaged, are refused
-    device, prefill, decode = device_runtime.device_runners(args.device, args.memory,
-                                                            args.runtime)
-  except memory_store.ExportError as error:
-    sys.exit(f'error: {error}')
+  # the bundle first: programs of another export, or damaged, are refused
+  device, prefill, decode = device_runtime.device_runners(args.device, args.memory, args.runtime)
   manifest, memory = memory_store.open_export(args.memory)
   vocabulary = manifest.get('vocabulary') or {}
   tokenizer = None
@@ -96,4 +94,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(main)

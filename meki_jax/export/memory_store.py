@@ -12,10 +12,10 @@
 Each shard file (memory.zarr/c/<i>/0/0) holds `rows_per_shard` tokens; inside it every token is
 its own chunk [1, num_layers, width] followed by a crc32c, so one token's rows for all layers are
 one contiguous read (MeKi-1.7B in fp16: 28 x 256 x 2 B = 14 KB; in int8 28 x 258 B = 7.1 KB)
-and a flipped bit in it fails that read. Writes go to a temporary directory renamed into place;
-several processes can each write their own vocabulary slice (whole shards) into it, and process
-0 publishes the result.
-Imports numpy, tensorstore, json and hashlib only: the JAX exporter and the PyTorch side share it.
+and a flipped bit in it fails that read. Writes go to a temporary directory renamed into place
+(files.replacing); several processes can each write their own vocabulary slice (whole shards)
+into it, and process 0 publishes the result. Imports numpy, tensorstore and the standard library
+only: the JAX exporter and the PyTorch side share it.
 """
 
 import collections
@@ -29,6 +29,7 @@ import time
 import numpy as np
 import tensorstore as ts
 
+from meki_jax import files
 from meki_jax.export.table_quant import SchemeError, TableScheme
 
 FORMAT = 'meki-export'
@@ -40,6 +41,7 @@ TABLES = 'memory.zarr'
 LAYOUT = 'token_major'  # axes [vocab, layers, d_mem]
 _PARTS = 'parts'  # per-process shard records inside the temporary directory
 DEFAULT_CACHE_BYTES = 16 << 20  # the readers' tensorstore cache
+EXPORT = files.Kind('memory export', manifest=MANIFEST, format=FORMAT)  # what --overwrite replaces
 
 
 class ExportError(ValueError):
@@ -150,24 +152,6 @@ class TableWriter:
             for index in self._written}
 
 
-def temporary_directory(out):
-  """Where an export to `out` is assembled before it is renamed into place."""
-  out = pathlib.Path(out).absolute()
-  return out.parent / f'.{out.name}.partial'
-
-
-def prepare_output(out, overwrite, process_count=1):
-  """Checks `out` may be written and returns an empty (or, multi-process, shared) temp dir."""
-  out = pathlib.Path(out)
-  if out.exists() and not overwrite:
-    raise FileExistsError(f'{out} exists; pass --overwrite to replace it')
-  temporary = temporary_directory(out)
-  if process_count == 1 and temporary.exists():
-    shutil.rmtree(temporary)  # left by an interrupted export; only we write it
-  (temporary / _PARTS).mkdir(parents=True, exist_ok=True)
-  return temporary
-
-
 def _part_path(temporary, run_id, process_index, process_count):
   return temporary / _PARTS / f'{run_id}.{process_index}-of-{process_count}.json'
 
@@ -175,6 +159,7 @@ def _part_path(temporary, run_id, process_index, process_count):
 def write_part(temporary, run_id, process_index, process_count, shard_records):
   """Records that this process' shards are written (the signal process 0 waits for)."""
   path = _part_path(temporary, run_id, process_index, process_count)
+  path.parent.mkdir(exist_ok=True)
   _write_json(path, {str(index): record for index, record in shard_records.items()})
 
 
@@ -214,19 +199,9 @@ def write_manifest(temporary, manifest):
   _write_json(pathlib.Path(temporary) / MANIFEST, manifest)
 
 
-def publish(temporary, out, overwrite):
-  """Renames the finished export into place; an existing `out` is replaced only if `overwrite`."""
-  temporary, out = pathlib.Path(temporary), pathlib.Path(out)
-  shutil.rmtree(temporary / _PARTS, ignore_errors=True)
-  replaced = None
-  if out.exists():
-    if not overwrite:
-      raise FileExistsError(f'{out} exists; pass --overwrite to replace it')
-    replaced = out.parent / f'.{out.name}.replaced-{os.getpid()}'
-    os.rename(out, replaced)
-  os.rename(temporary, out)
-  if replaced is not None:
-    shutil.rmtree(replaced)
+def remove_parts(temporary):
+  """Removes the processes' shard records once process 0 has collected them."""
+  shutil.rmtree(pathlib.Path(temporary) / _PARTS, ignore_errors=True)
 
 
 def memory_manifest(shape, scheme, rows_per_shard, shard_records):

@@ -17,13 +17,13 @@ safetensors, numpy and tensorstore, never jax or flax; executorch and torchao wh
 import hashlib
 import json
 import pathlib
-import shutil
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
+from meki_jax import files
 from meki_jax.export import backbone, device_model, memory_store
 from meki_jax.export.torch_model import MekiForCausalLM
 
@@ -36,6 +36,7 @@ DEVICE_FORMAT = 'meki-device'
 # 3: the KV cache inside the programs, quantization, the binding covers every field
 DEVICE_VERSION = 3
 PTE = 'model.pte'
+DEVICE_EXPORT = files.Kind('device export', manifest=DEVICE_MANIFEST, format=DEVICE_FORMAT)
 # The shortest prefill: torch.export specialises a dynamic dimension seen as 1, so a single
 # token (a one-token prompt, or the last one of an odd chunking) goes to `decode`.
 MIN_PREFILL = 2
@@ -170,12 +171,12 @@ def write_device_export(directory, out, *, cache_len, batch=1, formats=FORMATS, 
   """Writes model.pte ('pte' in `formats`), prefill.pt2 and decode.pt2 ('pt2') and device.json
   to `out`, built by device_model.build_device_model with the quantization requested.
 
-  `out` is assembled in a temporary directory and renamed into place; an existing `out` is
-  replaced only with `overwrite`. Returns the device manifest.
+  `out` is assembled beside it and swapped into place (files.replacing): an existing `out` is
+  replaced only with `overwrite`, only if it is a device export, and never if it is, contains
+  or lies inside the memory export `directory`. Returns the device manifest.
   """
   out = pathlib.Path(out)
-  if out.exists() and not overwrite:
-    raise FileExistsError(f'{out} exists; pass --overwrite to replace it')
+  files.check_output(out, DEVICE_EXPORT, overwrite=overwrite, sources=(directory,))
   unknown = sorted(set(formats) - set(FORMATS))
   if unknown or not formats:
     raise ValueError(f'formats={list(formats)}: choose from {FORMATS}')
@@ -196,38 +197,37 @@ def write_device_export(directory, out, *, cache_len, batch=1, formats=FORMATS, 
         group_size=group_size, qembedding=qembedding)
     step(steps[2])
     programs = export_programs(model, cache_len, batch)
-    temporary = memory_store.temporary_directory(out)
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
-    files = {}
-    if 'pt2' in formats:
-      step('save .pt2')
-      for name, program in programs.items():
-        save_program(program, temporary / f'{name}.pt2')
-        files[name] = f'{name}.pt2'
-    if 'pte' in formats:
-      step('lower to ExecuTorch (XNNPACK)')
-      (temporary / PTE).write_bytes(lower_to_executorch(programs))
-      files['executorch'] = PTE
-    progress.update(len(steps) - progress.n)
-  device = {'format': DEVICE_FORMAT, 'version': DEVICE_VERSION,
-            'source': str(pathlib.Path(directory).absolute()),
-            'source_manifest_sha256': memory_store.file_record(
-                pathlib.Path(directory) / memory_store.MANIFEST)['sha256'],
-            'cache_len': cache_len, 'batch': batch, 'logits': logits,
-            'tables': scheme.record() if scheme is not None else None,
-            'quantization': {'linear': qlinear, 'group_size': group_size if qlinear else None,
-                             'embedding': qembedding},
-            'cache': {'shape': [batch, cache_len, model.config['num_kv_heads'],
-                                model.config['head_dim']], 'dtype': 'float32',
-                      'buffers': {name: cache_buffers(program)
-                                  for name, program in programs.items()}},
-            'files': {name: {'file': file, **memory_store.file_record(temporary / file)}
-                      for name, file in files.items()},
-            'signature': signature(model.config, scheme, batch, cache_len, logits)}
-  device['binding_sha256'] = binding_digest(device)
-  (temporary / DEVICE_MANIFEST).write_text(json.dumps(device, indent=1) + '\n')
-  memory_store.publish(temporary, out, overwrite)
+    with files.replacing(out, DEVICE_EXPORT, overwrite=overwrite,
+                         sources=(directory,)) as temporary:
+      program_files = {}
+      if 'pt2' in formats:
+        step('save .pt2')
+        for name, program in programs.items():
+          save_program(program, temporary / f'{name}.pt2')
+          program_files[name] = f'{name}.pt2'
+      if 'pte' in formats:
+        step('lower to ExecuTorch (XNNPACK)')
+        (temporary / PTE).write_bytes(lower_to_executorch(programs))
+        program_files['executorch'] = PTE
+      progress.update(len(steps) - progress.n)
+      device = {'format': DEVICE_FORMAT, 'version': DEVICE_VERSION,
+                'source': str(pathlib.Path(directory).absolute()),
+                'source_manifest_sha256': memory_store.file_record(
+                    pathlib.Path(directory) / memory_store.MANIFEST)['sha256'],
+                'cache_len': cache_len, 'batch': batch, 'logits': logits,
+                'tables': scheme.record() if scheme is not None else None,
+                'quantization': {'linear': qlinear,
+                                 'group_size': group_size if qlinear else None,
+                                 'embedding': qembedding},
+                'cache': {'shape': [batch, cache_len, model.config['num_kv_heads'],
+                                    model.config['head_dim']], 'dtype': 'float32',
+                          'buffers': {name: cache_buffers(program)
+                                      for name, program in programs.items()}},
+                'files': {name: {'file': file, **memory_store.file_record(temporary / file)}
+                          for name, file in program_files.items()},
+                'signature': signature(model.config, scheme, batch, cache_len, logits)}
+      device['binding_sha256'] = binding_digest(device)
+      (temporary / DEVICE_MANIFEST).write_text(json.dumps(device, indent=1) + '\n')
   return device
 
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from meki_jax import files
 from meki_jax.export import memory_store, table_quant
 from meki_jax.export.exporter import export_folded
 from meki_jax.fold import fold_params
@@ -194,4 +195,4 @@ def test_process_zero_times_out_when_another_process_never_finishes(model, tmp_p
     export(model, tmp_path / 'out', process_index=0, process_count=2, run_id='job-2',
            timeout_seconds=0.5)
   assert not (tmp_path / 'out').exists()
-  shutil.rmtree(memory_store.temporary_directory(tmp_path / 'out'))
+  shutil.rmtree(files.temporary_path(tmp_path / 'out'))

@@ -149,7 +149,19 @@ def test_an_existing_device_export_is_kept_without_overwrite(exported, tmp_path)
   (out / 'mine.txt').write_text('keep me')
   with pytest.raises(FileExistsError, match='pass --overwrite'):
     to_device.write_device_export(directory, out, cache_len=8, formats=('pt2',))
+  with pytest.raises(FileExistsError, match='is not a device export'):  # not one of ours
+    to_device.write_device_export(directory, out, cache_len=8, formats=('pt2',), overwrite=True)
   assert [p.name for p in out.iterdir()] == ['mine.txt']
+
+
+def test_overwrite_never_deletes_the_memory_export_it_reads(exported):
+  directory, _ = exported
+  for out in (directory, directory.parent, directory / 'device'):
+    with pytest.raises(ValueError, match='an input of this command: write the device export '
+                                         'somewhere else'):
+      to_device.write_device_export(directory, out, cache_len=8, formats=('pt2',),
+                                    overwrite=True)
+  to_device.memory_store.open_export(directory)  # whole: every file verifies
 
 
 @pytest.mark.parametrize('dtype, flavor', [

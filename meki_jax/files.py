@@ -117,6 +117,15 @@ def require_local(location, what):
                      'Storage with `gcloud storage cp`')
 
 
+def make_directory(location):
+  """Creates a local directory and its parents if missing; nothing on Cloud Storage, which has
+  no directories (gcsfs would create a missing bucket)."""
+  location = path(location)
+  if not is_remote(location):
+    location.mkdir(parents=True, exist_ok=True)
+  return location
+
+
 def kvstore(location):
   """The tensorstore kvstore spec of a directory: the `file` or the `gcs` driver."""
   location = path(location)

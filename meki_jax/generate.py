@@ -14,8 +14,6 @@ from meki_jax import cli
 
 cli.start(__name__)  # before jax is imported: Ctrl-C is one line from here on
 
-import os  # noqa: E402
-import pathlib  # noqa: E402
 import sys  # noqa: E402
 
 import flax.linen as nn  # noqa: E402
@@ -24,7 +22,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from meki_jax import decode, fold, host_memory, run_config  # noqa: E402
+from meki_jax import decode, files, fold, host_memory, run_config  # noqa: E402
 from meki_jax.config import validate  # noqa: E402
 from meki_jax.data.tokenizer import load_tokenizer  # noqa: E402
 from meki_jax.model.transformer import build_model, meki_enabled  # noqa: E402
@@ -55,10 +53,10 @@ def checkpoint_location(workdir=None, checkpoint_path=None):
     raise ValueError('pass exactly one of --workdir (latest checkpoint) and --checkpoint '
                      '(<workdir>/checkpoints/<step>)')
   if checkpoint_path is None:
-    if not os.path.isdir(workdir):
+    if not files.path(workdir).is_dir():
       raise FileNotFoundError(f'--workdir={workdir} does not exist')
     return workdir, None
-  path = pathlib.Path(checkpoint_path).resolve()
+  path = files.path(checkpoint_path)
   if not (path.name.isdigit() and path.parent.name == 'checkpoints' and path.is_dir()):
     raise ValueError(f'--checkpoint={checkpoint_path} is not a <workdir>/checkpoints/<step> '
                      'directory')
@@ -67,7 +65,7 @@ def checkpoint_location(workdir=None, checkpoint_path=None):
 
 def load_params(config, workdir, step=None):
   """The training-form parameters (unboxed) of a run's checkpoint, on one device."""
-  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+  if not checkpoint.checkpoint_directory(workdir).is_dir():
     raise FileNotFoundError(f'{workdir} has no checkpoints/ directory: train with '
                             f'python -m meki_jax.train --workdir={workdir} first')
   model = build_model(config.model)

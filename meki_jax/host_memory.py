@@ -116,6 +116,7 @@ TABLE = files.Kind('host-memory table', magic=b'\x93NUMPY')  # a .npy file; what
 def check_path(path, overwrite=False, sources=()):
   """Raises unless a host-memory table may be written to `path`: a .npy path that is no input
   (`sources`), replacing an existing file only with `overwrite` (files.check_output)."""
+  files.require_local(path, 'the host-memory table is memory-mapped while decoding')
   if pathlib.Path(path).suffix != '.npy':
     raise ValueError(f'host memory path {path} must end in .npy')
   files.check_output(path, TABLE, overwrite=overwrite, sources=sources)

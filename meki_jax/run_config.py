@@ -12,7 +12,6 @@ take the config from <workdir>/config.json (or the newest step's record) and nee
 """
 
 import json
-import os
 
 import ml_collections
 
@@ -80,8 +79,7 @@ def _upgrade(plain, path):
 def _read(path):
   """The upgraded plain dict of a config file, or None if there is none."""
   try:
-    with open(path, encoding='utf-8') as stream:
-      return _upgrade(json.load(stream), path)
+    return _upgrade(json.loads(files.path(path).read_text(encoding='utf-8')), path)
   except FileNotFoundError:
     return None
   except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -115,7 +113,7 @@ def check(config, workdir):
   """The plain config of <workdir>/config.json (None if there is none), after checking that it
   was written for this model: raises ValueError naming the fields otherwise (the workdir's
   checkpoints would not restore into this model, or would compute another function)."""
-  path = os.path.join(workdir, FILENAME)
+  path = files.path(workdir) / FILENAME
   saved = _read(path)
   changed = [d for d in _differences(saved or {}, _to_plain(config)) if _is_model_change(d)]
   if saved is not None and changed:
@@ -129,7 +127,7 @@ def check_checkpoint(config, step_dir):
   of a checkpoint step about to be resumed. Raises ValueError naming the model fields if the
   step was written by a different model, so it holds with or without <workdir>/config.json.
   train.init_from_hf is left out: a resume does not initialise (see `record`)."""
-  path = os.path.join(step_dir, FILENAME)
+  path = files.path(step_dir) / FILENAME
   saved = _read(path)
   if saved is None:  # written before checkpoints recorded their config
     return None, []
@@ -156,20 +154,19 @@ def record(config, resumed_from=None):
 
 def write(directory, text):
   """Writes a `record` to <directory>/config.json (temp + rename, the umask's mode)."""
-  os.makedirs(directory, exist_ok=True)
-  files.write_atomically(os.path.join(directory, FILENAME), text, prefix='.config.')
+  files.write_atomically(files.make_directory(directory) / FILENAME, text, prefix='.config.')
 
 
 def load(workdir):
   """The ConfigDict of <workdir>/config.json, or if there is none (deleted, or a run that has not
   saved since) of the newest checkpoint step's record."""
-  path = os.path.join(workdir, FILENAME)
+  path = files.path(workdir) / FILENAME
   plain = _read(path)
-  checkpoints = os.path.join(workdir, 'checkpoints')  # train/checkpoint.py's layout
-  steps = sorted((int(name) for name in os.listdir(checkpoints) if name.isdigit()),
-                 reverse=True) if plain is None and os.path.isdir(checkpoints) else []
+  checkpoints = files.path(workdir) / 'checkpoints'  # train/checkpoint.py's layout
+  steps = sorted((int(entry.name) for entry in checkpoints.iterdir() if entry.name.isdigit()),
+                 reverse=True) if plain is None and checkpoints.is_dir() else []
   for step in steps:
-    plain = _read(os.path.join(checkpoints, str(step), FILENAME))
+    plain = _read(checkpoints / str(step) / FILENAME)
     if plain is not None:
       break
   if plain is None:

@@ -8,6 +8,9 @@ import os
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
+# gcsfs reads this when imported, which may be before the gcs_emulator fixture starts the server
+# (meki_jax.files sets it when STORAGE_EMULATOR_HOST is set at import, as it is for a user)
+os.environ.setdefault('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')
 
 import pytest  # noqa: E402  (after the environment is set)
 

@@ -2,15 +2,19 @@
 
 A record is the document's token ids as little-endian uint32 bytes, ending with the
 end-of-document id. ArrayRecord gives grain random access to every document, so the global
-shuffle and the per-process split are index arithmetic, not reads.
+shuffle and the per-process split are index arithmetic, not reads. ArrayRecord's reader and
+writer open local files only: a shard written to gs:// is written locally and uploaded
+(files.Staged); training reads shards from a local disk (`resolve_shards` says so for a gs://
+pattern).
 """
 
 import glob
 import os
-import pathlib
 
 import numpy as np
 from array_record.python import array_record_module
+
+from meki_jax import files
 
 RECORD_DTYPE = np.dtype('<u4')
 SUFFIX = '.array_record'
@@ -29,12 +33,13 @@ def decode_record(record, where='record'):
 
 
 class ShardWriter:
-  """Writes documents to `path` atomically: records go to `path.tmp-<pid>`, renamed on close."""
+  """Writes documents to `path` (local or gs://) atomically: records go to a temporary local
+  file that takes `path`'s place on close (files.Staged)."""
 
   def __init__(self, path):
-    self.path = pathlib.Path(path)
-    self._tmp = self.path.with_name(f'{self.path.name}.tmp-{os.getpid()}')
-    self._writer = array_record_module.ArrayRecordWriter(str(self._tmp), 'group_size:1')
+    self._staged = files.Staged(path)
+    self.path = self._staged.location
+    self._writer = array_record_module.ArrayRecordWriter(str(self._staged.local), 'group_size:1')
     self.documents = 0
     self.tokens = 0
 
@@ -45,11 +50,11 @@ class ShardWriter:
 
   def close(self):
     self._writer.close()
-    os.replace(self._tmp, self.path)
+    self._staged.commit()
 
   def abort(self):
     self._writer.close()
-    self._tmp.unlink(missing_ok=True)
+    self._staged.discard()
 
   def __enter__(self):
     return self
@@ -63,6 +68,11 @@ class ShardWriter:
 
 def resolve_shards(pattern):
   """A glob (or a single file) of ArrayRecord token shards -> sorted paths; fails if none."""
+  if files.is_remote(pattern):
+    files.path(pattern)  # an unsupported scheme is named as such
+    raise ValueError(f'token shards {pattern!r}: the ArrayRecord reader reads local files only; '
+                     'copy the shards to a local disk (gcloud storage cp -r) and point the '
+                     'source at them there')
   paths = sorted(glob.glob(os.path.expanduser(pattern)))
   if not paths:
     raise FileNotFoundError(f'no token shards match {pattern!r} (run tools/preprocess.py '

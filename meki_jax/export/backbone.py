@@ -15,12 +15,12 @@ checks a file with it before loading it.
 import json
 import mmap
 import os
-import pathlib
 from typing import Callable, NamedTuple
 
 import numpy as np
 from safetensors import safe_open
 
+from meki_jax import files
 from meki_jax.export.memory_store import ExportError
 from meki_jax.export.table_quant import FLOAT_DTYPES
 
@@ -166,7 +166,7 @@ class StreamingWriter:
   def __init__(self, path, config, dtype):
     if dtype not in FLOAT_DTYPES:
       raise ValueError(f'backbone dtype={dtype!r} is not one of {tuple(FLOAT_DTYPES)}')
-    self.path = pathlib.Path(path)
+    self.path = files.path(path)
     self.dtype = FLOAT_DTYPES[dtype]
     self.shapes = tensor_shapes(config)
     header, offset = {}, 0
@@ -184,8 +184,8 @@ class StreamingWriter:
     self._offsets = {name: entry['data_offsets'][0] for name, entry in header.items()}
     self._pending = set(self.shapes)
     self._written = {}  # elements written so far per tensor
-    self._temporary = self.path.with_name(f'.{self.path.name}.{os.getpid()}.tmp')
-    self._file = open(self._temporary, 'w+b')  # readable too: put_block maps it
+    self._staged = files.Staged(path)  # a local file: put_block maps it
+    self._file = open(self._staged.local, 'w+b')  # readable too
     self._file.write(len(text).to_bytes(8, 'little') + text)
     self._file.truncate(self._data_start + offset)
 
@@ -251,11 +251,11 @@ class StreamingWriter:
     self._file.flush()
     os.fsync(self._file.fileno())
     self._file.close()
-    os.replace(self._temporary, self.path)
+    self._staged.commit()
 
   def abort(self):
     self._file.close()
-    self._temporary.unlink(missing_ok=True)
+    self._staged.discard()
 
 
 def check_backbone(path, config, dtype):

@@ -19,19 +19,18 @@ leaves under 'layers' carry a leading [num_layers] axis.
 import itertools
 import json
 import math
-import os
-import pathlib
 import sys
 
 import numpy as np
 import tensorstore as ts
 
+from meki_jax import files
 from meki_jax.train import checksums
 
 
 def workdir_of(path):
   """The training workdir of a step directory (<workdir>/checkpoints/<step>), else `path`."""
-  path = pathlib.Path(path).absolute()
+  path = files.path(path)
   if path.name.isdigit() and path.parent.name == 'checkpoints':
     return path.parent.parent
   return path
@@ -46,20 +45,20 @@ def checkpoint_step_dir(path):
   steps are named on stderr and skipped, the rule of the trainer and of `generate`
   (checksums.newest_intact).
   """
-  path = pathlib.Path(path).absolute()
+  path = files.path(path)
   if path.name.isdigit() and (path / 'state').is_dir():
-    problem = checksums.verify(str(path))
+    problem = checksums.verify(path)
     if problem:
       raise ValueError(f'checkpoint {path} does not verify against its checksum manifest: '
                        f'{problem}')
     return path
   directory = path / 'checkpoints'
-  steps = [int(p.name) for p in directory.glob('*') if p.name.isdigit() and (p / 'state').is_dir()]
+  steps = checksums.committed_steps(directory)
   if not steps:
     raise FileNotFoundError(f'{path} is neither a checkpoint step directory '
                             '(<workdir>/checkpoints/<step>) nor a workdir with checkpoints')
   step, damaged = checksums.newest_intact(
-      str(directory), steps, lambda parent, step: checksums.verify(os.path.join(parent, str(step))))
+      directory, steps, lambda parent, step: checksums.verify(parent / str(step)))
   for line in checksums.skipped(damaged):
     print(line, file=sys.stderr, flush=True)
   return directory / str(step)
@@ -104,9 +103,9 @@ class CheckpointParams:
         raise KeyError(f'{self.state_dir}: no array params/{"/".join(path)}')
       name = '.'.join(('params',) + tuple(path))
       if self._ocdbt:
-        kvstore = {'driver': 'ocdbt', 'base': f'file://{self.state_dir}', 'path': f'{name}/'}
+        kvstore = {'driver': 'ocdbt', 'base': files.kvstore(self.state_dir), 'path': f'{name}/'}
       else:
-        kvstore = {'driver': 'file', 'path': f'{self.state_dir / name}/'}
+        kvstore = files.kvstore(self.state_dir / name)
       try:
         self._stores[path] = ts.open({'driver': self._driver, 'kvstore': kvstore}, open=True,
                                      read=True, context=self._context).result()

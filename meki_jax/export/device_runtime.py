@@ -18,6 +18,7 @@ import zipfile
 
 import torch
 
+from meki_jax import files
 from meki_jax.export import device_model, memory_store, to_device
 from meki_jax.export.table_quant import SchemeError, TableScheme
 
@@ -27,7 +28,8 @@ RUNTIME_FILES = {'pt2': ('prefill', 'decode'), 'pte': ('executorch',)}  # entrie
 def read_device_export(device_dir, memory_dir, runtime):
   """device.json of `device_dir`, after the checks of the module docstring. Fails naming the
   file and field."""
-  device_dir, memory_dir = pathlib.Path(device_dir), pathlib.Path(memory_dir)
+  files.require_local(device_dir, 'its programs are loaded as local files')
+  device_dir, memory_dir = files.path(device_dir), files.path(memory_dir)
   path = device_dir / to_device.DEVICE_MANIFEST
   try:
     device = json.loads(path.read_text())

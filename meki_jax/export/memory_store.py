@@ -13,7 +13,8 @@ Each shard file (memory.zarr/c/<i>/0/0) holds `rows_per_shard` tokens; inside it
 its own chunk [1, num_layers, width] followed by a crc32c, so one token's rows for all layers are
 one contiguous read (MeKi-1.7B in fp16: 28 x 256 x 2 B = 14 KB; in int8 28 x 258 B = 7.1 KB)
 and a flipped bit in it fails that read. Writes go to a temporary directory renamed into place
-(files.replacing); several processes can each write their own vocabulary slice (whole shards)
+(files.replacing; on Cloud Storage copied, manifest.json last); the directory may be a gs:// URL
+on both sides (tensorstore's gcs driver, files.path). Several processes can each write their own vocabulary slice (whole shards)
 into it, and process 0 publishes the result. Imports numpy, tensorstore and the standard library
 only: the JAX exporter and the PyTorch side share it.
 """
@@ -21,9 +22,6 @@ only: the JAX exporter and the PyTorch side share it.
 import collections
 import hashlib
 import json
-import os
-import pathlib
-import shutil
 import time
 
 import numpy as np
@@ -76,7 +74,7 @@ def shard_file(index):
 
 def _table_spec(path, shape=None, dtype=None, rows_per_shard=None):
   """The zarr3 spec of memory.zarr; `shape` is the stored [vocab, num_layers, width]."""
-  spec = {'driver': 'zarr3', 'kvstore': {'driver': 'file', 'path': str(path)}}
+  spec = {'driver': 'zarr3', 'kvstore': files.kvstore(path)}
   if shape is None:
     return spec
   num_layers, d_mem = shape[1:]
@@ -98,10 +96,10 @@ def _table_spec(path, shape=None, dtype=None, rows_per_shard=None):
 def file_record(path):
   """{'bytes', 'sha256'} of a file, read in 8 MiB blocks."""
   digest = hashlib.sha256()
-  with open(path, 'rb') as f:
+  with files.path(path).open('rb') as f:
     for block in iter(lambda: f.read(1 << 23), b''):
       digest.update(block)
-  return {'bytes': os.path.getsize(path), 'sha256': digest.hexdigest()}
+  return {'bytes': files.size(path), 'sha256': digest.hexdigest()}
 
 
 class TableWriter:
@@ -114,7 +112,7 @@ class TableWriter:
   """
 
   def __init__(self, directory, shape, scheme, rows_per_shard, max_in_flight=2):
-    self.directory = pathlib.Path(directory)
+    self.directory = files.path(directory)
     self.scheme = scheme
     self.d_mem = shape[2]
     self.ranges = shard_ranges(shape[0], rows_per_shard)
@@ -158,8 +156,8 @@ def _part_path(temporary, run_id, process_index, process_count):
 
 def write_part(temporary, run_id, process_index, process_count, shard_records):
   """Records that this process' shards are written (the signal process 0 waits for)."""
-  path = _part_path(temporary, run_id, process_index, process_count)
-  path.parent.mkdir(exist_ok=True)
+  path = _part_path(files.path(temporary), run_id, process_index, process_count)
+  files.make_directory(path.parent)
   _write_json(path, {str(index): record for index, record in shard_records.items()})
 
 
@@ -168,7 +166,7 @@ def collect_parts(temporary, run_id, process_count, timeout_seconds, poll_second
   deadline = time.monotonic() + timeout_seconds
   records = {}
   for process_index in range(process_count):
-    path = _part_path(temporary, run_id, process_index, process_count)
+    path = _part_path(files.path(temporary), run_id, process_index, process_count)
     while not path.exists():
       if time.monotonic() > deadline:
         raise TimeoutError(f'process {process_index} of {process_count} did not finish its '
@@ -179,14 +177,12 @@ def collect_parts(temporary, run_id, process_count, timeout_seconds, poll_second
 
 
 def _write_json(path, value):
-  temporary = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-  temporary.write_text(json.dumps(value, indent=1, sort_keys=True) + '\n')
-  os.replace(temporary, path)
+  files.write_atomically(path, json.dumps(value, indent=1, sort_keys=True) + '\n')
 
 
 def _read_json(path):
   try:
-    return json.loads(pathlib.Path(path).read_text())
+    return json.loads(files.path(path).read_text())
   except FileNotFoundError as error:
     raise ExportError(f'{path} does not exist: not a complete meki export') from error
   except json.JSONDecodeError as error:
@@ -195,13 +191,13 @@ def _read_json(path):
 
 def write_manifest(temporary, manifest):
   """Writes manifest.json and config.json (= manifest['model_config']) into the export."""
-  _write_json(pathlib.Path(temporary) / CONFIG, manifest['model_config'])
-  _write_json(pathlib.Path(temporary) / MANIFEST, manifest)
+  _write_json(files.path(temporary) / CONFIG, manifest['model_config'])
+  _write_json(files.path(temporary) / MANIFEST, manifest)
 
 
 def remove_parts(temporary):
   """Removes the processes' shard records once process 0 has collected them."""
-  shutil.rmtree(pathlib.Path(temporary) / _PARTS, ignore_errors=True)
+  files.remove(files.path(temporary) / _PARTS)
 
 
 def memory_manifest(shape, scheme, rows_per_shard, shard_records):
@@ -221,9 +217,9 @@ def memory_manifest(shape, scheme, rows_per_shard, shard_records):
 def check_file(directory, record, what):
   """Fails unless the file of `record` ({'file', 'bytes', 'sha256'}) is there, whole and
   unaltered. A truncated file is reported by its size before anything is hashed."""
-  path = pathlib.Path(directory) / record['file']
+  path = files.path(directory) / record['file']
   _require(path.is_file(), f'{what} {record["file"]} is missing from {directory}')
-  size = path.stat().st_size
+  size = files.size(path)
   _require(size == record['bytes'], f'{what} {record["file"]} has {size} bytes, manifest.json '
            f'records {record["bytes"]}: the file is truncated or was replaced')
   digest = file_record(path)['sha256']
@@ -233,7 +229,7 @@ def check_file(directory, record, what):
 
 def read_manifest(directory):
   """manifest.json of an export, with its format, config and vocabulary checked."""
-  directory = pathlib.Path(directory)
+  directory = files.path(directory)
   manifest = _read_json(directory / MANIFEST)
   _require(manifest.get('format') == FORMAT and manifest.get('version') == FORMAT_VERSION,
            f'{directory / MANIFEST}: format={manifest.get("format")!r} '
@@ -289,7 +285,7 @@ class FoldedMemory:
     _require(entry.get('layout') == LAYOUT, f'manifest.json memory.layout='
              f'{entry.get("layout")!r}, expected {LAYOUT!r}')
     context = ts.Context({'cache_pool': {'total_bytes_limit': cache_bytes}})
-    path = pathlib.Path(directory) / entry['path']
+    path = files.path(directory) / entry['path']
     spec = {**_table_spec(path), 'recheck_cached_data': 'open',
             'recheck_cached_metadata': 'open'}
     try:
@@ -337,7 +333,7 @@ def open_export(directory, verify_checksums=True, cache_bytes=DEFAULT_CACHE_BYTE
   Checks manifest vs config.json vs the zarr metadata (shapes, dtypes, chunking), the
   vocabulary, and with `verify_checksums` every shard file's and the backbone's size and sha256.
   """
-  directory = pathlib.Path(directory)
+  directory = files.path(directory)
   manifest = read_manifest(directory)
   config, entry = manifest['model_config'], manifest['memory']
   meki = config['meki']

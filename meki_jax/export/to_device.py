@@ -16,7 +16,6 @@ safetensors, numpy and tensorstore, never jax or flax; executorch and torchao wh
 
 import hashlib
 import json
-import pathlib
 
 import numpy as np
 import torch
@@ -48,13 +47,14 @@ def load_export(directory, verify_checksums=True):
   Everything is validated first (memory_store.open_export, backbone.check_backbone); the weights
   are read with safetensors, never unpickled. The model computes in float32.
   """
-  directory = pathlib.Path(directory)
+  directory = files.path(directory)
   manifest, memory = memory_store.open_export(directory, verify_checksums)
   config = manifest['model_config']
-  backbone_path = directory / manifest['backbone']['file']
-  backbone.check_backbone(backbone_path, config, manifest['backbone']['dtype'])
+  with files.local_copy(directory / manifest['backbone']['file']) as backbone_path:
+    backbone.check_backbone(backbone_path, config, manifest['backbone']['dtype'])
+    tensors = load_file(str(backbone_path))
   model = MekiForCausalLM(config)
-  state = {name: tensor.float() for name, tensor in load_file(str(backbone_path)).items()}
+  state = {name: tensor.float() for name, tensor in tensors.items()}
   model.load_state_dict(state, strict=True)
   model.eval().requires_grad_(False)
   return model, memory, manifest
@@ -175,7 +175,8 @@ def write_device_export(directory, out, *, cache_len, batch=1, formats=FORMATS, 
   replaced only with `overwrite`, only if it is a device export, and never if it is, contains
   or lies inside the memory export `directory`. Returns the device manifest.
   """
-  out = pathlib.Path(out)
+  files.require_local(out, 'the device programs are written and run as local files')
+  out = files.path(out)
   files.check_output(out, DEVICE_EXPORT, overwrite=overwrite, sources=(directory,))
   unknown = sorted(set(formats) - set(FORMATS))
   if unknown or not formats:
@@ -211,9 +212,9 @@ def write_device_export(directory, out, *, cache_len, batch=1, formats=FORMATS, 
         program_files['executorch'] = PTE
       progress.update(len(steps) - progress.n)
       device = {'format': DEVICE_FORMAT, 'version': DEVICE_VERSION,
-                'source': str(pathlib.Path(directory).absolute()),
+                'source': str(files.path(directory)),
                 'source_manifest_sha256': memory_store.file_record(
-                    pathlib.Path(directory) / memory_store.MANIFEST)['sha256'],
+                    files.path(directory) / memory_store.MANIFEST)['sha256'],
                 'cache_len': cache_len, 'batch': batch, 'logits': logits,
                 'tables': scheme.record() if scheme is not None else None,
                 'quantization': {'linear': qlinear,

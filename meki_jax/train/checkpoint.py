@@ -9,12 +9,11 @@ record (run_config.record) writes it into every step as `config.json` before the
 copies it to `<workdir>/config.json` once the step is committed. Only complete steps count
 towards `train.keep_checkpoints`, so a failed or damaged save never rotates a good one out.
 Restores take the target shardings of the current mesh, so a checkpoint written on N devices
-(or hosts) restores on M.
+(or hosts) restores on M. On Cloud Storage (a gs:// workdir) orbax has no rename: it writes the
+step in place and commits it with a `commit_success.txt` object written after the manifest, and
+a step counts only with that object (checksums.committed_steps).
 """
 
-import glob
-import os
-import shutil
 import sys
 
 import grain
@@ -24,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from meki_jax import run_config
+from meki_jax import files, run_config
 from meki_jax.train import checksums
 from meki_jax.train.errors import RunError
 
@@ -70,14 +69,15 @@ def _one_line(error):
 def _unfinalized_directory(directory, step):
   """The directory orbax is writing `step` into: `<step>.orbax-checkpoint-tmp` (orbax 0.12;
   other versions add -<timestamp>: the newest), else the final one (commit-file storage)."""
-  temporary = glob.glob(os.path.join(str(directory), f'{step}.orbax-checkpoint-tmp*'))
+  directory = files.path(directory)
+  temporary = list(directory.glob(f'{step}.orbax-checkpoint-tmp*'))
   if temporary:
-    return max(temporary, key=lambda path: int(path.rpartition('-tmp')[2].lstrip('-') or 0))
-  return os.path.join(str(directory), str(step))
+    return max(temporary, key=lambda path: int(path.name.rpartition('-tmp')[2].lstrip('-') or 0))
+  return directory / str(step)
 
 
 def checkpoint_directory(workdir):
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+  return files.path(workdir) / 'checkpoints'
 
 
 def checkpoint_manager(workdir, train_config, record=None):
@@ -85,12 +85,7 @@ def checkpoint_manager(workdir, train_config, record=None):
   return Manager(checkpoint_directory(workdir), train_config.keep_checkpoints, record)
 
 
-def saved_steps(directory):
-  """The committed step numbers in a checkpoints directory, ascending (temporary ones left out)."""
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(name) for name in os.listdir(directory)
-                if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
+saved_steps = checksums.committed_steps
 
 
 def _agreed(problem):
@@ -113,8 +108,8 @@ def verify_step(directory, step):
 
   Each process hashes its share of the files; all processes get the same answer.
   """
-  return _agreed(checksums.verify(os.path.join(directory, str(step)),
-                                  jax.process_index(), jax.process_count()))
+  return _agreed(checksums.verify(files.path(directory) / str(step), jax.process_index(),
+                                  jax.process_count()))
 
 
 def newest_intact_step(directory, steps=None):
@@ -130,16 +125,15 @@ def set_aside(workdir, damaged):
   Returns where each went. They are kept for inspection, out of the way of new saves.
   """
   moved = {}
-  target_root = os.path.join(os.path.abspath(workdir), DAMAGED)
+  target_root = files.path(workdir) / DAMAGED
   for step, _ in damaged:
-    target = os.path.join(target_root, str(step))
+    target = target_root / str(step)
     suffix = 1
-    while os.path.exists(target):
-      target, suffix = os.path.join(target_root, f'{step}-{suffix}'), suffix + 1
+    while target.exists():
+      target, suffix = target_root / f'{step}-{suffix}', suffix + 1
     moved[step] = target
     if jax.process_index() == 0:
-      os.makedirs(target_root, exist_ok=True)
-      os.replace(os.path.join(checkpoint_directory(workdir), str(step)), target)
+      files.move(checkpoint_directory(workdir) / str(step), target)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('meki_jax: damaged checkpoints set aside')
   return moved
@@ -187,24 +181,27 @@ def finish(manager):
     manager.check_for_errors()
   except Exception as caught:  # noqa: BLE001
     error = _one_line(caught)
-  step_dir = os.path.join(str(manager.directory), str(step))
-  if not os.path.exists(os.path.join(step_dir, checksums.MANIFEST)):
+  directory = files.path(manager.directory)
+  if step not in saved_steps(directory) or not _has_manifest(directory, step):
     reason = manager.manifest_error or error or 'the step directory was not committed'
     raise RunError(f'saving checkpoint step {step} to {manager.directory} failed: {reason}. '
-                   'Training stopped; ' + _last_complete(manager.directory, step))
+                   'Training stopped; ' + _last_complete(directory, step))
   if manager.record is not None and jax.process_index() == 0:
-    run_config.write(os.path.dirname(str(manager.directory)), manager.record)
-  complete = [s for s in saved_steps(str(manager.directory))
-              if os.path.exists(os.path.join(str(manager.directory), str(s), checksums.MANIFEST))]
+    run_config.write(directory.parent, manager.record)
+  complete = [s for s in saved_steps(directory) if _has_manifest(directory, s)]
   for old in complete[:-manager.keep_checkpoints]:
     if old in manager.all_steps():
       manager.delete(old)
     elif jax.process_index() == 0:
-      shutil.rmtree(os.path.join(str(manager.directory), str(old)))
+      files.remove(directory / str(old))
+
+
+def _has_manifest(directory, step):
+  return (directory / str(step) / checksums.MANIFEST).exists()
 
 
 def _last_complete(directory, failed_step):
-  steps = [s for s in saved_steps(str(directory)) if s != failed_step]
+  steps = [s for s in saved_steps(directory) if s != failed_step]
   return (f'the newest complete checkpoint is step {steps[-1]}' if steps
           else 'there is no complete checkpoint yet')
 
@@ -216,7 +213,7 @@ def _has_data_state(directory, step):
   different number of processes restores the model but cannot position this process' stream.
   """
   name = f'process_{jax.process_index()}-of-{jax.process_count()}.json'
-  return os.path.exists(os.path.join(str(directory), str(step), 'data', name))
+  return (files.path(directory) / str(step) / 'data' / name).exists()
 
 
 def nonfinite_leaves(tree):
@@ -238,7 +235,7 @@ def restore(manager, abstract_state, state_shardings, data_iterator, step=None,
   given, is positioned where the saved run left it if the checkpoint was written by the same
   number of processes (data_restored=True). `verified=True`: `step` was just verified.
   """
-  directory = str(manager.directory)
+  directory = files.path(manager.directory)
   if step is None:
     step, damaged = newest_intact_step(directory)
     for line in checksums.skipped(damaged):
@@ -246,7 +243,7 @@ def restore(manager, abstract_state, state_shardings, data_iterator, step=None,
     if step is None:
       return None, False
   else:
-    if not os.path.isdir(os.path.join(directory, str(step))):
+    if not (directory / str(step)).is_dir():
       raise FileNotFoundError(f'checkpoint step {step} does not exist in {directory} '
                               f'(steps there: {saved_steps(directory)})')
     problem = None if verified else verify_step(directory, step)

@@ -9,7 +9,6 @@ ignored, and so are orbax's step metadata files, which it rewrites when it commi
 """
 
 import json
-import os
 
 import xxhash
 
@@ -19,13 +18,14 @@ from meki_jax.train.errors import RunError
 MANIFEST = 'checksums.json'
 ALGORITHM = 'xxh3_128'
 _BLOCK = 8 << 20
-UNHASHED = ('_CHECKPOINT_METADATA', 'commit_success.txt')  # timestamps, rewritten at commit
+COMMIT_OBJECT = 'commit_success.txt'  # orbax's mark of a committed step on Cloud Storage
+UNHASHED = ('_CHECKPOINT_METADATA', COMMIT_OBJECT)  # timestamps, rewritten at commit
 
 
 def file_digest(path):
   """The xxh3-128 hex digest of a file, read in 8 MiB blocks."""
   digest = xxhash.xxh3_128()
-  with open(path, 'rb') as stream:
+  with files.path(path).open('rb') as stream:
     while block := stream.read(_BLOCK):
       digest.update(block)
   return digest.hexdigest()
@@ -33,14 +33,13 @@ def file_digest(path):
 
 def _listing(directory):
   """Relative paths of the files under `directory` (sorted), the manifest and temp files left out."""
-  names = []
-  for root, _, filenames in os.walk(directory):
-    for name in filenames:
-      relative = os.path.relpath(os.path.join(root, name), directory)
-      if (relative != MANIFEST and not name.startswith('.checksums.')
-          and name not in UNHASHED):
-        names.append(relative)
-  return sorted(names)
+  return [relative for relative in files.files_under(directory)
+          if relative != MANIFEST and not _name(relative).startswith('.checksums.')
+          and _name(relative) not in UNHASHED]
+
+
+def _name(relative):
+  return relative.rpartition('/')[2]
 
 
 def write_manifest(directory):
@@ -48,21 +47,21 @@ def write_manifest(directory):
 
   Returns the manifest: {'algorithm', 'files': {relative path: {'bytes', 'hash'}}}.
   """
+  directory = files.path(directory)
   manifest = {'algorithm': ALGORITHM, 'files': {}}
   for relative in _listing(directory):
-    path = os.path.join(directory, relative)
-    manifest['files'][relative] = {'bytes': os.path.getsize(path), 'hash': file_digest(path)}
-  files.write_atomically(os.path.join(directory, MANIFEST),
-                         json.dumps(manifest, indent=1, sort_keys=True), prefix='.checksums.')
+    path = directory / relative
+    manifest['files'][relative] = {'bytes': files.size(path), 'hash': file_digest(path)}
+  files.write_atomically(directory / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True),
+                         prefix='.checksums.')
   return manifest
 
 
 def read_manifest(directory):
   """The manifest of `directory`, or raises ValueError naming what is wrong with it."""
-  path = os.path.join(directory, MANIFEST)
+  path = files.path(directory) / MANIFEST
   try:
-    with open(path, encoding='utf-8') as stream:
-      manifest = json.load(stream)
+    manifest = json.loads(path.read_text(encoding='utf-8'))
   except FileNotFoundError as error:
     raise ValueError(f'{path} does not exist (the save was cut off before its checksums were '
                      'written, or the step predates checksums)') from error
@@ -76,9 +75,9 @@ def read_manifest(directory):
 
 def check_file(directory, relative, record):
   """None if `directory/relative` has the recorded size and hash, else what differs."""
-  path = os.path.join(directory, relative)
+  path = files.path(directory) / relative
   try:
-    size = os.path.getsize(path)
+    size = files.size(path)
     if size != record['bytes']:
       return f'{path} has {size} bytes, the manifest says {record["bytes"]}'
     if file_digest(path) != record['hash']:
@@ -102,6 +101,19 @@ def verify(directory, part=0, parts=1):
     if problem:
       return problem
   return None
+
+
+def committed_steps(directory):
+  """The committed step numbers in a checkpoints directory, ascending: orbax renames a local step
+  into place when it commits it (temporary names are not numbers) and marks a step on Cloud
+  Storage, where it writes in place, with COMMIT_OBJECT."""
+  directory = files.path(directory)
+  if not directory.is_dir():
+    return []
+  steps = [path for path in directory.iterdir() if path.name.isdigit() and path.is_dir()]
+  if files.is_remote(directory):
+    steps = [path for path in steps if (path / COMMIT_OBJECT).exists()]
+  return sorted(int(path.name) for path in steps)
 
 
 def newest_intact(directory, steps, verify_step):

@@ -14,7 +14,6 @@ is saved.
 """
 
 import functools
-import os
 import sys
 import time
 
@@ -24,14 +23,14 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from meki_jax import interrupt, run_config, sharding
+from meki_jax import files, interrupt, run_config, sharding
 from meki_jax.config import validate
 from meki_jax.convert.hf_qwen3 import load_hf_qwen3, merge_backbone
 from meki_jax.data.pipeline import make_eval_dataset, make_train_dataset
 from meki_jax.model.transformer import build_model, check_token_ids
 from meki_jax.train import checkpoint, flops, optim, state as state_lib, step as step_lib
 from meki_jax.train.errors import RunError
-from meki_jax.train.lock import WorkdirLock
+from meki_jax.train.lock import workdir_lock
 from meki_jax.train.metrics import MetricWriter
 
 
@@ -135,8 +134,9 @@ def _resume_hint(manager):
 def train(config, workdir):
   """Trains until `train.num_steps`, SIGTERM or Ctrl-C. Returns the last logged metrics."""
   config = validate(config)
+  files.check_bucket(workdir)  # a gs:// workdir's bucket must exist: it is never created
   recorded = run_config.check(config, workdir)  # before anything is read or written
-  lock = WorkdirLock(workdir, jax.process_count())
+  lock = workdir_lock(workdir, jax.process_count())
   if jax.process_index() == 0:
     lock.acquire()
   try:
@@ -151,7 +151,7 @@ def _resumed_record(config, workdir, step, recorded):
   different model (the step's own record decides, with or without <workdir>/config.json) and
   listing the other settings that changed since the step was saved."""
   step_record, changes = run_config.check_checkpoint(
-      config, os.path.join(checkpoint.checkpoint_directory(workdir), str(step)))
+      config, checkpoint.checkpoint_directory(workdir) / str(step))
   if changes:
     _print(f'resuming checkpoint step {step} with changed settings: ' + '; '.join(changes))
   if config.train.init_from_hf:

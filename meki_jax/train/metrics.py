@@ -1,18 +1,21 @@
 """Where metrics go: a JSON-lines file and TensorBoard event files in the workdir (process 0)."""
 
 import json
-import os
 
 import jax
 
 from meki_jax import files
+
+FILENAME = 'metrics.jsonl'
 
 
 class MetricWriter:
   """Appends {'step': s, **metrics} to <workdir>/metrics.jsonl and TensorBoard scalars.
 
   `start_step`: the step training (re)starts from. Records of later steps, written by a run that
-  was stopped after its last checkpoint, are dropped first, so every step appears once.
+  was stopped after its last checkpoint, are dropped first, so every step appears once. A Cloud
+  Storage object cannot be appended to: there the records are kept and metrics.jsonl is rewritten
+  (one upload) at every write, and tensorboardX uploads its event file at each flush.
   """
 
   def __init__(self, workdir, start_step=0):
@@ -20,42 +23,54 @@ class MetricWriter:
     if not self._enabled:
       return
     from tensorboardX import SummaryWriter
-    os.makedirs(workdir, exist_ok=True)
+    workdir = files.make_directory(workdir)
     drop_records_after(workdir, start_step)
-    self._path = os.path.join(workdir, 'metrics.jsonl')
-    self._jsonl = open(self._path, 'a', encoding='utf-8')
-    self._tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self._path = workdir / FILENAME
+    self._lines = _lines(self._path) if files.is_remote(workdir) else None
+    self._jsonl = None if files.is_remote(workdir) else open(self._path, 'a', encoding='utf-8')
+    self._tensorboard = SummaryWriter(str(workdir / 'tensorboard'))
 
   def write(self, step, metrics):
     if not self._enabled:
       return
-    record = {'step': int(step), **{k: float(v) for k, v in metrics.items()}}
+    line = json.dumps({'step': int(step), **{k: float(v) for k, v in metrics.items()}}) + '\n'
     with files.naming(self._path):  # a full disk names the file
-      self._jsonl.write(json.dumps(record) + '\n')
-      self._jsonl.flush()
+      if self._jsonl is None:
+        self._lines.append(line)
+        files.write_atomically(self._path, ''.join(self._lines))
+      else:
+        self._jsonl.write(line)
+        self._jsonl.flush()
     for name, value in metrics.items():
       self._tensorboard.add_scalar(name, float(value), int(step))
 
   def close(self):
     if self._enabled:
-      self._jsonl.close()
+      if self._jsonl is not None:
+        self._jsonl.close()
       self._tensorboard.close()
+
+
+def _lines(path):
+  """The non-empty lines of a file, each ending with a newline ([] if there is no file)."""
+  try:
+    text = files.path(path).read_text(encoding='utf-8')
+  except FileNotFoundError:
+    return []
+  return [line + '\n' for line in text.splitlines() if line.strip()]
 
 
 def read_metrics(workdir):
   """The records of <workdir>/metrics.jsonl, in order."""
-  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as lines:
-    return [json.loads(line) for line in lines if line.strip()]
+  text = (files.path(workdir) / FILENAME).read_text(encoding='utf-8')
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def drop_records_after(workdir, step):
   """Rewrites <workdir>/metrics.jsonl (atomically) without the records of steps after `step`
   and without a half-written last line. Returns how many lines were dropped."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return 0
-  with open(path, encoding='utf-8') as stream:
-    lines = [line for line in stream if line.strip()]
+  path = files.path(workdir) / FILENAME
+  lines = _lines(path)
   kept = []
   for line in lines:
     try:
@@ -63,7 +78,7 @@ def drop_records_after(workdir, step):
     except json.JSONDecodeError:
       continue  # cut off by a kill mid-write
     if isinstance(record, dict) and record.get('step', 0) <= step:
-      kept.append(line if line.endswith('\n') else line + '\n')
+      kept.append(line)
   if len(kept) < len(lines):
     files.write_atomically(path, ''.join(kept))
   return len(lines) - len(kept)

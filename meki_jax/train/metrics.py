@@ -15,14 +15,16 @@ class MetricWriter:
   `start_step`: the step training (re)starts from. Records of later steps, written by a run that
   was stopped after its last checkpoint, are dropped first, so every step appears once. A Cloud
   Storage object cannot be appended to: there the records are kept and metrics.jsonl is rewritten
-  (one upload) at every write, and tensorboardX uploads its event file at each flush.
+  (one upload) at every write, and the TensorBoard event file at each of tensorboardX's flushes
+  (`_EventObject`).
   """
 
   def __init__(self, workdir, start_step=0):
     self._enabled = jax.process_index() == 0
     if not self._enabled:
       return
-    from tensorboardX import SummaryWriter
+    from tensorboardX import SummaryWriter, record_writer
+    record_writer.register_writer_factory('gs', _EventObjects())  # through files, not its own
     workdir = files.make_directory(workdir)
     drop_records_after(workdir, start_step)
     self._path = workdir / FILENAME
@@ -49,6 +51,39 @@ class MetricWriter:
       if self._jsonl is not None:
         self._jsonl.close()
       self._tensorboard.close()
+
+
+class _EventObject:
+  """A TensorBoard event file on Cloud Storage, as tensorboardX's record writer uses it: the
+  records are kept and the object is rewritten (one upload) at each flush that has new ones."""
+
+  def __init__(self, location):
+    self._path = files.path(location)
+    self._records = bytearray()
+    self._uploaded = 0
+
+  def write(self, data):
+    self._records += data
+
+  def flush(self):
+    if len(self._records) > self._uploaded:
+      with files.naming(self._path), self._path.open('wb') as stream:
+        stream.write(bytes(self._records))
+      self._uploaded = len(self._records)
+
+  def close(self):
+    self.flush()
+
+
+class _EventObjects:
+  """tensorboardX's writer factory for gs:// event files (its own one uploads again when
+  garbage-collected, after the run, and retries for 120 s if it cannot)."""
+
+  def open(self, location):
+    return _EventObject(location)
+
+  def directory_check(self, location):
+    del location  # an object store has no directories
 
 
 def _lines(path):

@@ -264,8 +264,10 @@ class ObjectLock:
       return
     self._stop.set()
     self._thread.join()
-    try:
-      self._object.delete(if_generation_match=self._generation)
+    try:  # only our own generation (fake-gcs-server ignores a delete's precondition: look first)
+      self._object.reload()
+      if self._object.generation == self._generation:
+        self._object.delete(if_generation_match=self._generation)
     except (exceptions.NotFound, exceptions.PreconditionFailed):  # taken over: not ours to delete
       pass
     finally:

@@ -7,7 +7,8 @@ token ids followed by the end-of-document id (Megatron documents keep theirs, or
 documents are skipped. The shards go to a temporary directory that is renamed to `output` once
 all are written, so an interrupted run leaves no partial output; an existing `output` is
 replaced only with overwrite=True, and only if it is a shard directory of ours (its
-summary.json says so: SHARDS) that holds none of the inputs (files.replacing). Shard order and
+summary.json says so: SHARDS) that holds none of the inputs (files.replacing). `output` may be a
+gs:// URL: each shard is written locally and uploaded, summary.json last. Shard order and
 contents do not depend on the worker count. Worker processes ignore Ctrl-C: the program's own
 handler stops them (meki_jax/interrupt.py).
 """
@@ -78,6 +79,7 @@ def expand_inputs(patterns):
   """Globs -> sorted unique paths. A Megatron dataset may be named by its prefix (no suffix)."""
   paths = set()
   for pattern in patterns:
+    files.require_local(pattern, 'preprocessing reads local inputs')
     matches = glob.glob(os.path.expanduser(pattern)) or glob.glob(
         os.path.expanduser(pattern) + '.idx')
     if not matches:

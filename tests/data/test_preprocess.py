@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from meki_jax import files
 from meki_jax.data import megatron, preprocess
 from meki_jax.data.shards import decode_record
 from meki_jax.data.tokenizer import load_tokenizer
@@ -212,3 +213,18 @@ def test_megatron_ids_beyond_the_vocabulary_are_named(tmp_path):
 def test_an_input_that_matches_nothing_is_named(tmp_path):
   with pytest.raises(FileNotFoundError, match='nothing-here'):
     _run([str(tmp_path / 'nothing-here*.jsonl')], tmp_path / 'out')
+
+
+def test_shards_written_to_gs_are_the_local_ones_with_their_summary(tmp_path, gcs_bucket):
+  (tmp_path / 'a.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in DOCUMENTS))
+  _run([str(tmp_path / 'a.jsonl')], tmp_path / 'local')
+  summary = _run([str(tmp_path / 'a.jsonl')], f'{gcs_bucket}/shards')
+  assert summary.output == f'{gcs_bucket}/shards' and summary.documents == len(DOCUMENTS)
+  names = files.files_under(f'{gcs_bucket}/shards')
+  assert names == sorted(p.name for p in (tmp_path / 'local').iterdir())
+  shard = next(name for name in names if name.endswith('.array_record'))
+  assert (files.path(f'{gcs_bucket}/shards') / shard).read_bytes() == (
+      tmp_path / 'local' / shard).read_bytes()
+  assert files.files_under(gcs_bucket) == [f'shards/{name}' for name in names]  # nothing partial
+  with pytest.raises(ValueError, match='must be a local path: preprocessing reads local inputs'):
+    _run([f'{gcs_bucket}/raw/*.jsonl'], tmp_path / 'other')

@@ -4,17 +4,20 @@ metrics, the run record, and the URLs refused before step 1 (issue 23)."""
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
 
+from configs import quickstart
 from meki_jax import files, run_config
-from meki_jax.train import checksums, lock as lock_lib
+from meki_jax.train import checkpoint, checksums, lock as lock_lib
 from meki_jax.train.errors import RunError
 from meki_jax.train.loop import train
 from meki_jax.train.metrics import MetricWriter, drop_records_after, read_metrics
 from tests.train.test_loop import small_config
-from tests.train.test_reliability_units import _holder
+from tests.train.test_reliability_units import REPO, _holder
 
 
 def _lock_record(workdir):
@@ -134,3 +137,71 @@ def test_token_shards_on_gs_are_refused_saying_how(gcs_bucket):
   with pytest.raises(ValueError, match=r'the ArrayRecord reader reads local files only; copy the '
                                        r'shards to a local disk \(gcloud storage cp -r\)'):
     train(config, f'{gcs_bucket}/run')
+
+
+_KILLED_RUN = '''
+from tests.train.test_gcs_workdir import quickstart_steps
+def get_config():
+  return quickstart_steps(100_000)
+'''
+
+
+def quickstart_steps(num_steps):
+  """The quick-start config, stopped after `num_steps` of the learning-rate schedule of 4 steps,
+  a checkpoint every 2, every step logged."""
+  config = quickstart.get_config()
+  config.train.update(num_steps=num_steps, log_every=1, eval_every=100_000, checkpoint_every=2)
+  config.optim.schedule_steps = 4
+  return config
+
+
+def _losses(workdir):
+  return {record['step']: record['loss'] for record in read_metrics(workdir) if 'loss' in record}
+
+
+def _largest_object(directory):
+  return max((files.path(directory) / name for name in files.files_under(directory)),
+             key=files.size)
+
+
+@pytest.mark.slow
+def test_the_quickstart_trains_into_gs_resumes_after_sigkill_bit_for_bit_and_sets_damage_aside(
+    gcs_bucket, tmp_path, capsys):
+  train(quickstart_steps(4), str(tmp_path / 'whole'))  # the reference, on local disk
+  whole = _losses(tmp_path / 'whole')
+
+  workdir = f'{gcs_bucket}/quickstart'
+  (tmp_path / 'killed.py').write_text(_KILLED_RUN)
+  process = subprocess.Popen(
+      [sys.executable, '-m', 'meki_jax.train', f'--config={tmp_path / "killed.py"}',
+       f'--workdir={workdir}'], cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu',
+                                                   PYTHONPATH=REPO),
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 600
+  while 2 not in checksums.committed_steps(f'{workdir}/checkpoints') or len(_losses(workdir)) < 3:
+    assert process.poll() is None, process.stdout.read()
+    assert time.time() < deadline, 'no committed step 2 and 3 logged steps within 600 s'
+    time.sleep(0.5)
+  process.kill()  # SIGKILL: the lock object stays, a save in flight stays uncommitted
+  process.communicate(timeout=60)
+
+  capsys.readouterr()
+  train(quickstart_steps(4), workdir)
+  assert f'took over the stale lock of pid {process.pid}' in capsys.readouterr().err
+  resumed = _losses(workdir)
+  assert sorted(resumed) == [1, 2, 3, 4]  # each step logged once
+  assert [resumed[step] for step in (3, 4)] == [whole[step] for step in (3, 4)]  # bit for bit
+
+  damaged_object = _largest_object(f'{workdir}/checkpoints/4/state')
+  raw = bytearray(damaged_object.read_bytes())
+  raw[len(raw) // 2] ^= 0x10
+  damaged_object.write_bytes(bytes(raw))
+  train(quickstart_steps(4), workdir)
+  aside = f'{workdir}/{checkpoint.DAMAGED}/4'
+  assert (f'checkpoint step 4 is damaged ({damaged_object} does not match its checksum (its '
+          f'bytes changed after the save)); moved to {aside} and skipped: resuming from step 2'
+          in capsys.readouterr().err)
+  assert checksums.verify(aside) is not None  # kept as it was, for inspection
+  assert checkpoint.saved_steps(f'{workdir}/checkpoints') == [2, 4]
+  assert checkpoint.verify_step(f'{workdir}/checkpoints', 4) is None  # saved again
+  assert _losses(workdir) == resumed

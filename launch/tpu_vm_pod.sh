@@ -3,20 +3,25 @@
 # worker, run the trainer on all workers at once, tear it down.
 #
 #   export PROJECT=my-project ZONE=us-east5-a TPU_NAME=meki-v5p-64 ACCELERATOR=v5p-64
-#   export BUCKET=my-bucket                       # checkpoints, metrics, config.json, data
+#   export BUCKET=my-bucket                       # checkpoints, metrics, config.json, shards
+#   export SHARDS=gs://my-bucket/shards/fineweb   # token shards, copied to each worker's disk
 #   export REPO_URL=https://github.com/<you>/meki-jax.git REPO_REF=main
 #   launch/tpu_vm_pod.sh create                   # queued resource; waits until ACTIVE
-#   launch/tpu_vm_pod.sh setup                    # clone + pip install + mount the bucket
-#   launch/tpu_vm_pod.sh train --config=configs/meki_1p7b.py --workdir=/gcs/runs/meki_1p7b \
-#       --config.data.train_sources='({"path": "/gcs/shards/fineweb/*.arrayrecord", "weight": 1.0},)'
+#   launch/tpu_vm_pod.sh setup                    # clone + pip install + copy $SHARDS
+#   launch/tpu_vm_pod.sh train --config=configs/meki_1p7b.py --workdir=gs://$BUCKET/runs/meki_1p7b \
+#       --config.data.train_sources='({"path": "~/shards/*.array_record", "weight": 1.0},)'
 #   launch/tpu_vm_pod.sh logs                     # worker 0's log
 #   launch/tpu_vm_pod.sh delete
 #
-# The workdir must be one directory every worker sees (here the bucket mounted with gcsfuse at
-# /gcs): orbax writes each host's shards of a checkpoint there and process 0 writes
-# metrics.jsonl and config.json. jax.distributed finds the coordinator from the TPU VM's
-# metadata (TPU_WORKER_HOSTNAMES), so no address is passed. A preempted slice sends SIGTERM: the
-# trainer saves and exits 0; `train` again resumes from the latest checkpoint.
+# The workdir is a gs:// URL every worker writes to directly (README "Cloud Storage"): orbax
+# writes each host's shards of a checkpoint there and process 0 writes metrics.jsonl,
+# config.json and the lock object, with the TPU VM's service account as the credentials. The
+# token shards are read from local disk (ArrayRecord reads local files only): `setup` copies
+# $SHARDS to ~/shards on every worker. GCSFUSE=1 at `setup` also mounts $BUCKET with gcsfuse at
+# /gcs, for paths under /gcs instead (not needed for a gs:// workdir). jax.distributed finds the
+# coordinator from the TPU VM's metadata (TPU_WORKER_HOSTNAMES), so no address is passed. A
+# preempted slice sends SIGTERM: the trainer saves and exits 0; `train` again resumes from the
+# latest checkpoint.
 set -euo pipefail
 : "${PROJECT:?set PROJECT}" "${ZONE:?set ZONE}" "${TPU_NAME:?set TPU_NAME}"
 ACCELERATOR=${ACCELERATOR:-v5p-64}
@@ -42,13 +47,19 @@ case "$command" in
         --zone="$ZONE" --format='value(state.state)' | grep -qx ACTIVE; do sleep 30; done
     ;;
   setup)
-    : "${BUCKET:?set BUCKET}" "${REPO_URL:?set REPO_URL (the git URL of your meki-jax)}"
+    : "${REPO_URL:?set REPO_URL (the git URL of your meki-jax)}"
+    mount=""
+    if [ "${GCSFUSE:-0}" = 1 ]; then
+      : "${BUCKET:?set BUCKET (GCSFUSE=1 mounts it at /gcs)}"
+      mount="sudo mkdir -p /gcs && sudo chown \$USER /gcs
+      mountpoint -q /gcs || gcsfuse --implicit-dirs $BUCKET /gcs"
+    fi
     on_all_workers "set -e
-      sudo mkdir -p /gcs && sudo chown \$USER /gcs
-      mountpoint -q /gcs || gcsfuse --implicit-dirs $BUCKET /gcs
+      $mount
       [ -d meki-jax ] || git clone $REPO_URL meki-jax
       cd meki-jax && git fetch -q && git checkout -q $REPO_REF
-      python3 -m pip install -q -e '.[tpu]'"
+      python3 -m pip install -q -e '.[tpu,gcs]'
+      ${SHARDS:+mkdir -p ~/shards && gcloud storage cp -r '$SHARDS/*' ~/shards/}"
     ;;
   train)
     # nohup: the run survives the ssh session; each worker logs to ~/meki-train.log.

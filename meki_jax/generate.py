@@ -31,7 +31,8 @@ from meki_jax.train import checkpoint, optim, state as state_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'The run\'s config (configs/*.py[:arg]); '
                                           'default: <workdir>/config.json.', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir; its latest checkpoint.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir (local or gs://); its latest '
+                              'checkpoint.')
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A step directory <workdir>/checkpoints/N.')
 _PROMPT = flags.DEFINE_multi_string('prompt', None, 'Prompt text; repeat for a batch.')
 _MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 64, 'Tokens generated per prompt.')

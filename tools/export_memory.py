@@ -16,7 +16,8 @@ them (the trainer's rule). An existing --out is left untouched unless --overwrit
 only a memory export, once the new one is complete, and never the checkpoint's workdir or a
 directory inside or around it. On several hosts run it once per host with --process_index,
 --process_count and one --run_id; each host folds and writes its own vocabulary slice and
-process 0 publishes the export when all are done (--out must be on a shared file system).
+process 0 publishes the export when all are done (--out must be on a shared file system or
+gs://). --checkpoint and --out may be gs:// URLs (README "Cloud Storage").
 """
 
 from meki_jax import cli
@@ -32,8 +33,9 @@ from meki_jax.export import exporter, memory_store, table_quant  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'The run\'s config (configs/*.py[:arg]); '
                                           'default: <workdir>/config.json.', lock_config=True)
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A step directory or a training workdir.')
-_OUT = flags.DEFINE_string('out', None, 'The export directory to create.')
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A step directory or a training workdir '
+                                 '(local or gs://).')
+_OUT = flags.DEFINE_string('out', None, 'The export directory to create (local or gs://).')
 _DTYPE = flags.DEFINE_enum('dtype', 'float16', list(table_quant.SCHEMES),
                            'Table storage: a float dtype, or int8 / int4 quantized.')
 _TABLE_GROUP_SIZE = flags.DEFINE_integer('table_group_size', 32,

@@ -22,7 +22,7 @@ from absl import app, flags  # noqa: E402
 from meki_jax.data import preprocess, sources  # noqa: E402
 
 _INPUT = flags.DEFINE_multi_string('input', None, 'Input files (globs); repeat for more.')
-_OUTPUT = flags.DEFINE_string('output', None, 'The shard directory to create.')
+_OUTPUT = flags.DEFINE_string('output', None, 'The shard directory to create (local or gs://).')
 _FORMAT = flags.DEFINE_enum('format', 'auto', ['auto', *sources.FORMATS],
                             'Input format; auto = from each file name.')
 _TEXT_FIELD = flags.DEFINE_string('text_field', 'text', 'JSON field / Parquet column of the text.')

@@ -18,7 +18,8 @@ from meki_jax.train import distributed  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A config file (configs/*.py[:arg]).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics.jsonl and TensorBoard '
-                               'events go here; an existing run in it is resumed.')
+                               'events go here (a local path or gs://bucket/path); an existing '
+                               'run in it is resumed.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'host:port of process 0 for a multi-process run.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')

@@ -5,12 +5,12 @@ gs://, and the device programs run from the gs:// export (issue 23)."""
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 from meki_jax import files
-from meki_jax.export import memory_store, to_device
-from meki_jax.export.exporter import export_folded
+from meki_jax.export import exporter, memory_store, to_device
 from tests.export.conftest import moved_params
 from tests.export.test_to_device import run_device
 
@@ -25,7 +25,7 @@ def test_a_memory_export_to_gs_equals_the_local_one_and_refuses_a_damaged_shard(
     tiny_model_config, gcs_bucket, tmp_path):
   config = tiny_model_config()
   params = moved_params(config)
-  write = lambda out: export_folded(params, config, out, dtype='float16', rows_per_shard=40)
+  write = lambda out: exporter.export_folded(params, config, out, dtype='float16', rows_per_shard=40)
   write(tmp_path / 'local')
   write(f'{gcs_bucket}/exports/model')
   assert _contents(f'{gcs_bucket}/exports/model') == _contents(tmp_path / 'local')
@@ -52,6 +52,10 @@ def test_export_reads_a_gs_checkpoint_publishes_to_gs_and_run_device_runs_from_i
   local_export, reference = exported
   files._filesystem().put(str(workdir / 'checkpoints'), f'{gcs_bucket}/run/checkpoints',
                           recursive=True)  # a local run copied to the bucket, commit marks too
+  remote_params, step = exporter.restore_params(config, f'{gcs_bucket}/run')  # the evaluation's
+  local_params, _ = exporter.restore_params(config, workdir)
+  assert step == config.train.num_steps
+  jax.tree_util.tree_map(np.testing.assert_array_equal, remote_params, local_params)
   out = f'{gcs_bucket}/exports/model'
   subprocess.run([sys.executable, 'tools/export_memory.py', f'--config={config_file}',
                   f'--checkpoint={gcs_bucket}/run', f'--out={out}', '--dtype=float32',

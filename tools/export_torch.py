@@ -33,7 +33,8 @@ from meki_jax.export import device_model, to_device  # noqa: E402  (after the ch
 
 def main():
   parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--memory', required=True, help='an export directory (export_memory.py), local or gs://')
+  parser.add_argument('--memory', required=True,
+                      help='an export directory (export_memory.py), local or gs://')
   parser.add_argument('--out', required=True, help='the directory to create')
   parser.add_argument('--cache_len', type=int, default=2048, help='KV cache slots')
   parser.add_argument('--batch', type=int, default=1)

@@ -53,7 +53,8 @@ def generate(session, prompt_ids, max_new_tokens, eod_id):
 
 def main():
   parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--memory', required=True, help="export_memory.py's directory, local or gs://")
+  parser.add_argument('--memory', required=True,
+                      help="export_memory.py's directory, local or gs://")
   parser.add_argument('--device', required=True, help="export_torch.py's directory")
   parser.add_argument('--prompt', help='prompt text (tokenised with the manifest\'s tokenizer)')
   parser.add_argument('--token_ids', help='comma-separated prompt ids, instead of --prompt')

@@ -14,9 +14,10 @@ its own chunk [1, num_layers, width] followed by a crc32c, so one token's rows f
 one contiguous read (MeKi-1.7B in fp16: 28 x 256 x 2 B = 14 KB; in int8 28 x 258 B = 7.1 KB)
 and a flipped bit in it fails that read. Writes go to a temporary directory renamed into place
 (files.replacing; on Cloud Storage copied, manifest.json last); the directory may be a gs:// URL
-on both sides (tensorstore's gcs driver, files.path). Several processes can each write their own vocabulary slice (whole shards)
-into it, and process 0 publishes the result. Imports numpy, tensorstore and the standard library
-only: the JAX exporter and the PyTorch side share it.
+on both sides (tensorstore's gcs driver, files.path). Several processes can each write their own
+vocabulary slice (whole shards) into it, and process 0 publishes the result. Imports numpy,
+tensorstore and the standard library only (and meki_jax.files): the JAX exporter and the PyTorch
+side share it.
 """
 
 import collections

@@ -78,8 +78,9 @@ def _took_over(path, holder):
 
 def _new_record(processes):
   now = time.time()
-  return {'host': socket.gethostname(), 'pid': os.getpid(), 'pid_start': _process_start(os.getpid()),
-          'processes': processes, 'started': now, 'heartbeat': now}
+  return {'host': socket.gethostname(), 'pid': os.getpid(),
+          'pid_start': _process_start(os.getpid()), 'processes': processes, 'started': now,
+          'heartbeat': now}
 
 
 def workdir_lock(workdir, processes=1):

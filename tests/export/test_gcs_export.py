@@ -25,7 +25,8 @@ def test_a_memory_export_to_gs_equals_the_local_one_and_refuses_a_damaged_shard(
     tiny_model_config, gcs_bucket, tmp_path):
   config = tiny_model_config()
   params = moved_params(config)
-  write = lambda out: exporter.export_folded(params, config, out, dtype='float16', rows_per_shard=40)
+  write = lambda out: exporter.export_folded(params, config, out, dtype='float16',
+                                             rows_per_shard=40)
   write(tmp_path / 'local')
   write(f'{gcs_bucket}/exports/model')
   assert _contents(f'{gcs_bucket}/exports/model') == _contents(tmp_path / 'local')
@@ -61,7 +62,7 @@ def test_export_reads_a_gs_checkpoint_publishes_to_gs_and_run_device_runs_from_i
                   f'--checkpoint={gcs_bucket}/run', f'--out={out}', '--dtype=float32',
                   '--rows_per_shard=16384'], check=True)
   manifest = memory_store.read_manifest(out)
-  assert manifest['source']['checkpoint'] == f'{gcs_bucket}/run/checkpoints/{config.train.num_steps}'
+  assert manifest['source']['checkpoint'] == f'{gcs_bucket}/run/checkpoints/{step}'
   assert _contents(out, skip=('manifest.json',)) == _contents(local_export,
                                                                skip=('manifest.json',))
 

@@ -1,5 +1,6 @@
-"""A gs:// workdir's pieces against the local Cloud Storage server: the lock as an object, checksums,
-metrics, the run record, and the URLs refused before step 1 (issue 23)."""
+"""A gs:// workdir against the local Cloud Storage server: the lock as an object, checksums,
+metrics, the run record, the URLs refused before step 1, and (slow) the quick start trained,
+killed and resumed there (issue 23)."""
 
 import json
 import os

@@ -71,9 +71,23 @@ def _refusal(path, holder, still):
                   f'which {still}. Stop that run or use another --workdir')
 
 
-def _took_over(path, holder):
-  print(f'{path}: took over the stale lock of {describe(holder)}, which is no longer running',
-        file=sys.stderr, flush=True)
+class _Heartbeat:
+  """What both locks do once they hold: `_beat` in a daemon thread until `_stop_beating`."""
+
+  def _beating(self, holder):
+    """Starts the heartbeat; returns the stale `holder` replaced (said on stderr) or None."""
+    self._thread = threading.Thread(target=self._beat, name='trainer.lock heartbeat',
+                                    daemon=True)
+    self._thread.start()
+    if holder and holder.get('pid') != os.getpid():
+      print(f'{self.path}: took over the stale lock of {describe(holder)}, which is no longer '
+            'running', file=sys.stderr, flush=True)
+      return holder
+    return None
+
+  def _stop_beating(self):
+    self._stop.set()
+    self._thread.join()
 
 
 def _new_record(processes):
@@ -94,7 +108,7 @@ def describe(holder):
   return f'pid {holder.get("pid")} on host {holder.get("host")} (since {started})'
 
 
-class FileLock:
+class FileLock(_Heartbeat):
   """acquire() or RunError naming the holder; release() at the end of the run."""
 
   def __init__(self, workdir, processes=1):
@@ -142,13 +156,7 @@ class FileLock:
       os.close(descriptor)
       self._descriptor = None
       raise
-    self._thread = threading.Thread(target=self._beat, name='trainer.lock heartbeat',
-                                    daemon=True)
-    self._thread.start()
-    if holder and holder.get('pid') != os.getpid():
-      _took_over(self.path, holder)
-      return holder
-    return None
+    return self._beating(holder)
 
   def _write(self):
     """Rewrites the record in place (a rename would leave the flock on the old file)."""
@@ -169,8 +177,7 @@ class FileLock:
   def release(self):
     if self._descriptor is None:
       return
-    self._stop.set()
-    self._thread.join()
+    self._stop_beating()
     try:
       os.remove(self.path)
     finally:
@@ -178,7 +185,7 @@ class FileLock:
       self._descriptor = None
 
 
-class ObjectLock:
+class ObjectLock(_Heartbeat):
   """The lock of a gs:// workdir (module docstring): acquire() or RunError naming the holder;
   release() at the end of the run. A run whose lock was taken over (it wrote no heartbeat for
   STALE_SECONDS) finds out at its next heartbeat, says so on stderr and sets `lost`."""
@@ -234,13 +241,7 @@ class ObjectLock:
                          'this one was taking it over. Stop that run or use another '
                          '--workdir') from None
     self._object, self._generation = blob, blob.generation
-    self._thread = threading.Thread(target=self._beat, name='trainer.lock heartbeat',
-                                    daemon=True)
-    self._thread.start()
-    if holder and holder.get('pid') != os.getpid():
-      _took_over(self.path, holder)
-      return holder
-    return None
+    return self._beating(holder)
 
   def _beat(self):
     from google.api_core import exceptions
@@ -263,8 +264,7 @@ class ObjectLock:
     from google.api_core import exceptions
     if self._object is None:
       return
-    self._stop.set()
-    self._thread.join()
+    self._stop_beating()
     try:  # only our own generation (fake-gcs-server ignores a delete's precondition: look first)
       self._object.reload()
       if self._object.generation == self._generation:

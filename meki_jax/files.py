@@ -39,6 +39,7 @@ REMOTE_SCHEMES = ('gs',)
 
 
 def _use_emulator():
+  """With STORAGE_EMULATOR_HOST set: tensorstore's endpoint and dummy token, no gcsfs probe."""
   host = os.environ.get('STORAGE_EMULATOR_HOST')
   if not host:
     return
@@ -88,9 +89,10 @@ def _configure_gcsfs():
 
 
 def _filesystem():
+  """gcsfs, the instance etils.epath uses (objects of zonal buckets finalized when written)."""
   import fsspec
   _configure_gcsfs()
-  return fsspec.filesystem('gcs')
+  return fsspec.filesystem('gcs', finalize_on_close=True)
 
 
 def check_bucket(location):
@@ -250,28 +252,27 @@ def naming(path):
     raise OSError(error.errno, error.strerror, str(path)) from error
 
 
-def write_atomically(path_, text, prefix=None):
-  """Writes `text` to `path_` through a temporary file in the same directory and a rename (on
+def write_atomically(location, text, prefix=None):
+  """Writes `text` to `location` through a temporary file in the same directory and a rename (on
   Cloud Storage: one upload, which is atomic).
 
   mkstemp creates files 0600; the file gets the umask's mode before it is renamed into place.
   """
-  if is_remote(path_):
-    target = path(path_)
+  target = path(location)
+  if is_remote(target):
     with naming(target):
       target.write_text(text)
     return
-  directory = os.path.dirname(os.path.abspath(path_))
-  prefix = prefix or f'.{os.path.basename(path_)}.'
-  with naming(path_):
-    descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=prefix, suffix='.tmp')
+  prefix = prefix or f'.{target.name}.'
+  with naming(target):
+    descriptor, temporary = tempfile.mkstemp(dir=target.parent, prefix=prefix, suffix='.tmp')
     try:
       with os.fdopen(descriptor, 'w', encoding='utf-8') as stream:
         stream.write(text)
         stream.flush()
         os.fsync(stream.fileno())
       os.chmod(temporary, umask_mode())
-      os.replace(temporary, path_)
+      os.replace(temporary, target)
     except BaseException:
       if os.path.exists(temporary):
         os.remove(temporary)

@@ -11,13 +11,14 @@ from meki_jax import cli
 
 cli.start(__name__)  # Ctrl-C is one line from here on
 
-import os  # noqa: E402
+import io  # noqa: E402
 
 import matplotlib  # noqa: E402
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
+from meki_jax import files  # noqa: E402
 from meki_jax.train.metrics import read_metrics  # noqa: E402
 
 
@@ -34,7 +35,7 @@ def parse_run(argument):
   """'label=DIR' or 'DIR' (labelled by its base name) -> (label, DIR)."""
   label, sep, path = argument.partition('=')
   if not sep:
-    label, path = os.path.basename(os.path.normpath(argument)), argument
+    label, path = files.path(argument).name, argument
   return label, path
 
 
@@ -59,8 +60,11 @@ def main():
   axes.grid(alpha=0.3)
   axes.legend()
   figure.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  figure.savefig(args.out, dpi=120)
+  out = files.path(args.out)  # local or gs://
+  files.make_directory(out.parent)
+  image = io.BytesIO()
+  figure.savefig(image, format='png', dpi=120)
+  out.write_bytes(image.getvalue())
   print(f'wrote {args.out}')
 
 

@@ -15,12 +15,12 @@ from meki_jax import cli
 
 cli.start(__name__)  # Ctrl-C is one line from here on
 
-import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
 from configs import repro  # noqa: E402
+from meki_jax import files  # noqa: E402
 from meki_jax.param_count import count_params  # noqa: E402
 from meki_jax.train.errors import RunError  # noqa: E402
 from meki_jax.train.metrics import read_metrics  # noqa: E402
@@ -40,7 +40,7 @@ def _run(command):
 
 def train_variant(variant, workdir, steps, eval_every):
   """Runs the trainer for one variant; returns the wall-clock minutes (0: finished earlier)."""
-  if os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
+  if (files.path(workdir) / 'metrics.jsonl').exists():
     if any(r.get('step') == steps and 'eval_loss' in r for r in read_metrics(workdir)):
       return 0.0
   start = time.perf_counter()
@@ -61,7 +61,7 @@ def main():
   variants = args.variants.split(',')
   rows, finals = [], {}
   for variant in variants:
-    workdir = os.path.join(args.out, variant)
+    workdir = str(files.path(args.out) / variant)
     minutes = train_variant(variant_arg(variant, args.flavor), workdir, args.steps,
                             args.eval_every)
     config = repro.get_config(variant_arg(variant, args.flavor))
@@ -80,8 +80,8 @@ def main():
           f"| {counts['train_total_params'] / 1e6:.2f}M | {evals[min(evals)]:.4f} -> "
           f"{finals[variant]:.4f} | {delta} | {f'{minutes:.1f}' if minutes else 'earlier'} |")
   _run([sys.executable, 'tools/plot_curves.py',
-        *[f'{v}={os.path.join(args.out, v)}' for v in variants],
-        '--out', os.path.join(args.out, 'eval_loss.png'),
+        *[f'{v}={files.path(args.out) / v}' for v in variants],
+        '--out', str(files.path(args.out) / 'eval_loss.png'),
         '--title', f'validation loss ({args.flavor}), {tokens:,} tokens per run'])
 
 

@@ -14,15 +14,16 @@ the Transformer computes, so the lens refuses them rather than leave their branc
 """
 
 import functools
+import io
 import itertools
 import json
-import pathlib
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from meki_jax import files
 from meki_jax.model.layers import RMSNorm
 from meki_jax.model.transformer import DecoderLayer, _embed_rows, _embedding
 
@@ -118,8 +119,7 @@ def write_report(report, out_dir):
   """Writes logit_lens.json and logit_lens.png (KL against layer) to out_dir; returns both paths."""
   from matplotlib.figure import Figure  # draws with Agg, without pyplot's global state
 
-  out_dir = pathlib.Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
+  out_dir = files.make_directory(out_dir)  # local or gs://
   json_path, png_path = out_dir / 'logit_lens.json', out_dir / 'logit_lens.png'
   json_path.write_text(json.dumps(report, indent=2) + '\n')
   figure = Figure(figsize=(6, 4), layout='tight')
@@ -129,5 +129,7 @@ def write_report(report, out_dir):
   axes.set(xlabel='layer', ylabel=f'{report["direction"]} (nats)', xticks=list(layers),
            title=f'logit lens, step {report["step"]}, {report["tokens"]:,} tokens')
   axes.grid(alpha=0.3)
-  figure.savefig(png_path, dpi=120)
+  image = io.BytesIO()
+  figure.savefig(image, format='png', dpi=120)
+  png_path.write_bytes(image.getvalue())
   return json_path, png_path

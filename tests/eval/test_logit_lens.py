@@ -96,8 +96,11 @@ def test_last_layer_kl_is_zero_and_earlier_ones_positive(report, eval_run):
   assert report['tokens'] == int(sum(batch['loss_mask'].sum() for batch in batches))
 
 
-def test_report_is_written_as_json_and_png(report, tmp_path):
-  json_path, png_path = logit_lens.write_report(report, tmp_path / 'lens')
+@pytest.mark.parametrize('where', ['local', 'gs'])
+def test_report_is_written_as_json_and_png(report, tmp_path, request, where):
+  out = (f'{request.getfixturevalue("gcs_bucket")}/run/lens' if where == 'gs'
+         else tmp_path / 'lens')
+  json_path, png_path = logit_lens.write_report(report, out)
   assert json.loads(json_path.read_text()) == report
   assert png_path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   table = logit_lens.format_table(report)

@@ -106,12 +106,13 @@ def build_ours(work, hf_dir, name, cache_len, group_size):
   from meki_jax.export import exporter, to_device
   config = (dense_0p6b if name == 'dense' else meki_0p6b).get_config()
   config.model.update(dtype='float32', rope_theta=QWEN3_0P6B['rope_theta'])
-  backbone = hf_qwen3.load_hf_qwen3(hf_dir, config.model)
-  params = backbone if name == 'dense' else random_meki_params(config, backbone)
-  del backbone
-  exporter.export_folded(params, config.model, work / name, dtype='int8',
-                         vocabulary={'size': config.model.vocab_size, 'eod_id': 151_643})
-  del params
+  if not (work / name).exists():  # else kept from an earlier run (write_device_export checks it)
+    backbone = hf_qwen3.load_hf_qwen3(hf_dir, config.model)
+    params = backbone if name == 'dense' else random_meki_params(config, backbone)
+    del backbone
+    exporter.export_folded(params, config.model, work / name, dtype='int8',
+                           vocabulary={'size': config.model.vocab_size, 'eod_id': 151_643})
+    del params
   to_device.write_device_export(work / name, work / f'{name}-device', cache_len=cache_len,
                                 formats=('pte',), qlinear='8da4w', group_size=group_size,
                                 qembedding='8w', logits='last')

@@ -8,7 +8,7 @@ nothing is allocated) and the storage rules of the schemes:
                      among them; the embedding 1 B per value plus a 4-byte scale per row; norms
                      4 B per gain
   tables             memory_store's zarr3 files: per token L x stored width (table_quant) plus
-                     a crc32c (4 B) and a shard-index entry (16 B); 4 B per shard
+                     a crc32c (4 B); per shard an index of 16 B per row it can hold and a crc32c
 The .pte adds its graph and delegate headers (0.74 MB for Qwen3-0.6B: benchmarks/
 device_decode.py prints the real files). Imports torch; not jax.
 """
@@ -38,6 +38,10 @@ def program_bytes(config, program='8da4w+8w', group_size=32):
   values = {name: int(torch.Size(shape).numel()) for name, shape in shapes.items()}
   if program == 'fp32':
     return 4 * sum(values.values())
+  misfits = sorted(name for name in linears if shapes[name][1] % group_size)
+  if misfits:
+    raise ValueError(f'group_size={group_size} does not divide the input width of '
+                     f'{len(misfits)} linear layers, e.g. {misfits[0]} {list(shapes[misfits[0]])}')
   vocab, d_model = shapes['model.embed_tokens.weight']
   linear_values = sum(values[name] for name in linears) + vocab * d_model  # + output projection
   embedding = vocab * d_model + 4 * vocab
@@ -53,7 +57,7 @@ def table_bytes(config, scheme, rows_per_shard=8192):
   vocab, layers = config['vocab_size'], config['num_layers']
   token = layers * scheme.stored_width(config['meki']['d_mem']) * scheme.storage_dtype.itemsize
   shards = len(memory_store.shard_ranges(vocab, rows_per_shard))
-  return vocab * (token + 4 + 16) + 4 * shards
+  return vocab * (token + 4) + shards * (16 * rows_per_shard + 4)
 
 
 def schemes():

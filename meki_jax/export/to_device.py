@@ -114,7 +114,8 @@ def export_programs(model, cache_len, batch=1):
   device_model.load_custom_ops()
   seq = torch.export.Dim('t', min=MIN_PREFILL, max=cache_len)
   prefill_inputs = example_inputs(model.config, model.scheme, batch, MIN_PREFILL + 1)
-  prefill_shapes = ({1: seq}, None, tuple({1: seq} for _ in prefill_inputs[2:]))  # *memory
+  memory_shapes = tuple({1: seq} for _ in prefill_inputs[2:])  # *memory: none when dense
+  prefill_shapes = ({1: seq}, None) + ((memory_shapes,) if memory_shapes else ())
   with torch.no_grad():
     programs = {
         'prefill': torch.export.export(model, prefill_inputs, dynamic_shapes=prefill_shapes),

@@ -198,6 +198,22 @@ def test_stored_tables_feed_the_programs(tiny_model_config, tmp_path, dtype, fla
   np.testing.assert_allclose(logits.numpy(), expected, rtol=0, atol=TOLERANCE)
 
 
+def test_a_dense_model_exports_programs_without_memory_inputs(tiny_model_config, tmp_path):
+  config = tiny_model_config(meki=dict(enabled=False))
+  exporter.export_folded(moved_params(config), config, tmp_path / 'dense')
+  model, memory, _ = to_device.load_export(tmp_path / 'dense')
+  assert memory is None
+  token_ids = torch.tensor([[5, 17, 3, 88]])
+  with torch.no_grad():
+    expected, _, _ = model(token_ids, torch.arange(4), *model.empty_cache(1, 8))
+  device = to_device.device_model.build_device_model(model, cache_len=8, logits='all')
+  programs = to_device.export_programs(device, cache_len=8)
+  assert [spec.arg.name for spec in programs['decode'].graph_signature.input_specs
+          if spec.kind.name == 'USER_INPUT'] == ['token_ids', 'start_pos']
+  logits = programs['prefill'].module()(token_ids, torch.tensor([0]))
+  np.testing.assert_allclose(logits.numpy(), expected.numpy(), rtol=0, atol=TOLERANCE)
+
+
 def test_a_program_that_would_unpickle_is_refused(tiny_model_config, tmp_path):
   config = tiny_model_config(meki=dict(enabled=False))
   exporter.export_folded(moved_params(config), config, tmp_path / 'out')

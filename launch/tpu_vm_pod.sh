@@ -4,24 +4,22 @@
 #
 #   export PROJECT=my-project ZONE=us-east5-a TPU_NAME=meki-v5p-64 ACCELERATOR=v5p-64
 #   export BUCKET=my-bucket                       # checkpoints, metrics, config.json, shards
-#   export SHARDS=gs://my-bucket/shards/fineweb   # token shards, copied to each worker's disk
 #   export REPO_URL=https://github.com/<you>/meki-jax.git REPO_REF=main
 #   launch/tpu_vm_pod.sh create                   # queued resource; waits until ACTIVE
-#   launch/tpu_vm_pod.sh setup                    # clone + pip install + copy $SHARDS
+#   launch/tpu_vm_pod.sh setup                    # clone + pip install
 #   launch/tpu_vm_pod.sh train --config=configs/meki_1p7b.py --workdir=gs://$BUCKET/runs/meki_1p7b \
-#       --config.data.train_sources='({"path": "~/shards/*.array_record", "weight": 1.0},)'
+#       --config.data.train_sources='({"path": "gs://'$BUCKET'/shards/fineweb/*.array_record", "weight": 1.0},)'
 #   launch/tpu_vm_pod.sh logs                     # worker 0's log
 #   launch/tpu_vm_pod.sh delete
 #
 # The workdir is a gs:// URL every worker writes to directly (README "Cloud Storage"): orbax
 # writes each host's shards of a checkpoint there and process 0 writes metrics.jsonl,
-# config.json and the lock object, with the TPU VM's service account as the credentials. The
-# token shards are read from local disk (ArrayRecord reads local files only): `setup` copies
-# $SHARDS to ~/shards on every worker. GCSFUSE=1 at `setup` also mounts $BUCKET with gcsfuse at
-# /gcs, for paths under /gcs instead (not needed for a gs:// workdir). jax.distributed finds the
-# coordinator from the TPU VM's metadata (TPU_WORKER_HOSTNAMES), so no address is passed. A
-# preempted slice sends SIGTERM: the trainer saves and exits 0; `train` again resumes from the
-# latest checkpoint.
+# config.json and the lock object, with the TPU VM's service account as the credentials; the
+# token shards are read from the bucket too (ArrayRecord's reader opens gs:// URLs). GCSFUSE=1 at
+# `setup` also mounts $BUCKET with gcsfuse at /gcs, for paths under /gcs instead (not needed for
+# gs:// URLs). jax.distributed finds the coordinator from the TPU VM's metadata
+# (TPU_WORKER_HOSTNAMES), so no address is passed. A preempted slice sends SIGTERM: the trainer
+# saves and exits 0; `train` again resumes from the latest checkpoint.
 set -euo pipefail
 : "${PROJECT:?set PROJECT}" "${ZONE:?set ZONE}" "${TPU_NAME:?set TPU_NAME}"
 ACCELERATOR=${ACCELERATOR:-v5p-64}
@@ -58,8 +56,7 @@ case "$command" in
       $mount
       [ -d meki-jax ] || git clone $REPO_URL meki-jax
       cd meki-jax && git fetch -q && git checkout -q $REPO_REF
-      python3 -m pip install -q -e '.[tpu,gcs]'
-      ${SHARDS:+mkdir -p ~/shards && gcloud storage cp -r '$SHARDS/*' ~/shards/}"
+      python3 -m pip install -q -e '.[tpu,gcs]'"
     ;;
   train)
     # nohup: the run survives the ssh session; each worker logs to ~/meki-train.log.

@@ -21,11 +21,13 @@ manifest, or for a file by its first bytes): never a source, never a directory o
 files.
 
 With STORAGE_EMULATOR_HOST set (a local GCS server such as fake-gcs-server, README "Cloud
-Storage"), gcsfs and google-cloud-storage use it; `_use_emulator` points tensorstore at it too
-and skips gcsfs' bucket-type probe over gRPC, which the emulator does not serve (60 s each).
+Storage"), gcsfs and google-cloud-storage use it; `_use_emulator` points tensorstore and
+google-cloud-cpp (ArrayRecord's reader of gs:// shards) at it too and skips gcsfs' bucket-type
+probe over gRPC, which the emulator does not serve (60 s each).
 """
 
 import contextlib
+import glob as globlib
 import json
 import os
 import pathlib
@@ -47,6 +49,7 @@ def _use_emulator():
   os.environ.setdefault('TENSORSTORE_GCS_HTTP_URL', url)
   os.environ.setdefault('GOOGLE_AUTH_TOKEN_FOR_TESTING', 'emulator')  # tensorstore's fixed token
   os.environ.setdefault('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')
+  os.environ.setdefault('CLOUD_STORAGE_EMULATOR_ENDPOINT', url)  # google-cloud-cpp: ArrayRecord
 
 
 _use_emulator()
@@ -143,6 +146,16 @@ def size(location):
   if is_remote(location):
     return _filesystem().size(str(location))
   return location.stat().st_size
+
+
+def glob(pattern):
+  """Sorted paths (strings; gs:// URLs on Cloud Storage) of the files matching a glob."""
+  if not is_remote(pattern):
+    return sorted(name for name in globlib.glob(os.path.expanduser(os.fspath(pattern)))
+                  if os.path.isfile(name))
+  path(pattern)  # an unsupported scheme is named as such
+  matches = _filesystem().glob(os.fspath(pattern), detail=True)  # one listing, no call per match
+  return sorted(f'gs://{name}' for name, info in matches.items() if info['type'] == 'file')
 
 
 def files_under(directory):

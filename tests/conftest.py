@@ -38,13 +38,15 @@ def tiny_model_config():
 
 
 _EMULATOR_VARIABLES = ('STORAGE_EMULATOR_HOST', 'TENSORSTORE_GCS_HTTP_URL',
-                       'GOOGLE_AUTH_TOKEN_FOR_TESTING', 'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT')
+                       'GOOGLE_AUTH_TOKEN_FOR_TESTING', 'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT',
+                       'CLOUD_STORAGE_EMULATOR_ENDPOINT')
 
 
 @pytest.fixture(scope='session')
 def gcs_emulator(tmp_path_factory):
   """A local Cloud Storage server on 127.0.0.1 for the session (meki_jax.gcs_emulator); every
-  client (gcsfs, google-cloud-storage, tensorstore, subprocesses) is pointed at it."""
+  client (gcsfs, google-cloud-storage, tensorstore, ArrayRecord's reader, subprocesses) is
+  pointed at it."""
   from meki_jax import files
   from meki_jax.gcs_emulator import Emulator
   before = {name: os.environ.get(name) for name in _EMULATOR_VARIABLES}

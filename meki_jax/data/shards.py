@@ -2,14 +2,11 @@
 
 A record is the document's token ids as little-endian uint32 bytes, ending with the
 end-of-document id. ArrayRecord gives grain random access to every document, so the global
-shuffle and the per-process split are index arithmetic, not reads. ArrayRecord's reader and
-writer open local files only: a shard written to gs:// is written locally and uploaded
-(files.Staged); training reads shards from a local disk (`resolve_shards` says so for a gs://
-pattern).
+shuffle and the per-process split are index arithmetic, not reads. ArrayRecord's writer opens
+local files only: a shard written to gs:// is written locally and uploaded (files.Staged). Its
+reader opens gs:// URLs itself (through google-cloud-cpp), so training reads shards from a bucket
+as from a disk.
 """
-
-import glob
-import os
 
 import numpy as np
 from array_record.python import array_record_module
@@ -67,17 +64,13 @@ class ShardWriter:
 
 
 def resolve_shards(pattern):
-  """A glob (or a single file) of ArrayRecord token shards -> sorted paths; fails if none."""
-  if files.is_remote(pattern):
-    files.path(pattern)  # an unsupported scheme is named as such
-    raise ValueError(f'token shards {pattern!r}: the ArrayRecord reader reads local files only; '
-                     'copy the shards to a local disk (gcloud storage cp -r) and point the '
-                     'source at them there')
-  paths = sorted(glob.glob(os.path.expanduser(pattern)))
+  """A glob (or a single file) of ArrayRecord token shards, local or gs:// -> sorted paths;
+  fails if none matches or one is empty."""
+  paths = files.glob(pattern)
   if not paths:
     raise FileNotFoundError(f'no token shards match {pattern!r} (run tools/preprocess.py '
                             'to make them)')
   for path in paths:
-    if os.path.getsize(path) == 0:
+    if files.size(path) == 0:
       raise ValueError(f'token shard {path} is empty (0 bytes): a write that never finished?')
   return paths

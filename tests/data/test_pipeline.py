@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from configs import base
+from meki_jax import files
 from meki_jax.data import pipeline
 from meki_jax.data.shards import ShardWriter
 
@@ -29,9 +30,9 @@ def _write_shards(directory, numbers_per_shard, seed=0):
   """Writes one shard per list of document numbers (random lengths 2..40). Returns {n: doc}."""
   rng = np.random.default_rng(seed)
   documents = {}
-  os.makedirs(directory, exist_ok=True)
+  directory = files.make_directory(directory)  # local or gs://
   for shard, numbers in enumerate(numbers_per_shard):
-    with ShardWriter(os.path.join(directory, f'docs-{shard}.array_record')) as writer:
+    with ShardWriter(str(directory / f'docs-{shard}.array_record')) as writer:
       for number in numbers:
         documents[number] = _document(number, int(rng.integers(2, 41)))
         writer.write(documents[number])
@@ -341,6 +342,26 @@ def test_mixture_weights_set_the_share_of_documents(tmp_path, packing):
              else _stream_documents(batches, {**many, **few}))
   share = np.mean([number < 100 for number in numbers])
   assert len(numbers) > 300 and share == pytest.approx(0.75, abs=0.03)
+
+
+def test_shards_on_cloud_storage_give_the_batches_of_the_same_shards_on_disk(corpus, gcs_bucket):
+  pattern, _ = corpus
+  _write_shards(f'{gcs_bucket}/shards', [range(1, 16), range(16, 31)])  # the corpus, uploaded
+  remote = f'{gcs_bucket}/shards/*.array_record'
+  take = {pipeline.make_train_dataset: lambda dataset: _take(dataset, 3),
+          pipeline.make_eval_dataset: list}  # the held-out documents: 1 batch
+  for make, batches_of in take.items():
+    batches = {where: batches_of(make(_data_config((where, 1.0), eval_fraction=0.2),
+                                      global_batch_size=GLOBAL_BATCH))
+               for where in (pattern, remote)}
+    assert len(batches[remote]) == len(batches[pattern]) > 0
+    for local, from_bucket in zip(batches[pattern], batches[remote]):
+      assert local.keys() == from_bucket.keys()
+      for key in local:
+        np.testing.assert_array_equal(from_bucket[key], local[key])
+  with pytest.raises(FileNotFoundError, match=f'no token shards match .{gcs_bucket}/other/'):
+    pipeline.make_train_dataset(_data_config((f'{gcs_bucket}/other/*.array_record', 1.0)),
+                                global_batch_size=GLOBAL_BATCH)
 
 
 def test_a_missing_shard_is_named(tmp_path):

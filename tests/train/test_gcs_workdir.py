@@ -132,14 +132,6 @@ def test_a_workdir_url_that_cannot_be_served_is_refused_before_step_1(
     train(small_config(1), workdir)
 
 
-def test_token_shards_on_gs_are_refused_saying_how(gcs_bucket):
-  config = small_config(1)
-  config.data.train_sources = ({'path': f'{gcs_bucket}/shards/*.array_record', 'weight': 1.0},)
-  with pytest.raises(ValueError, match=r'the ArrayRecord reader reads local files only; copy the '
-                                       r'shards to a local disk \(gcloud storage cp -r\)'):
-    train(config, f'{gcs_bucket}/run')
-
-
 _KILLED_RUN = '''
 from tests.train.test_gcs_workdir import quickstart_steps
 def get_config():

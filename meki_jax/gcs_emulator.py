@@ -11,12 +11,15 @@ talks to anything but 127.0.0.1.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+
+from meki_jax import cli
 
 
 def _binary():
@@ -63,8 +66,12 @@ class Emulator:
     request = urllib.request.Request(f'{self.url}/storage/v1/b?project=emulator', method='POST',
                                      data=json.dumps({'name': name}).encode(),
                                      headers={'Content-Type': 'application/json'})
-    with urllib.request.urlopen(request, timeout=30):
-      return f'gs://{name}'
+    try:
+      with urllib.request.urlopen(request, timeout=30):
+        return f'gs://{name}'
+    except urllib.error.HTTPError as error:  # e.g. a name GCS does not allow
+      raise ValueError(f'bucket {name!r}: the server refused to create it ({error.code}: '
+                       f'{error.read().decode(errors="replace").strip()[:200]})') from error
 
   def stop(self):
     if self._process.poll() is None:
@@ -80,11 +87,12 @@ class Emulator:
 
 
 def main(argv=None):
-  import argparse
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--port', type=int, default=4443)
   parser.add_argument('--bucket', action='append', default=[], help='a bucket to create')
   args = parser.parse_args(argv)
+  # SIGTERM (`kill %1`) exits through the with block, so the server stops too
+  signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
   with Emulator(args.port, log_path='/dev/stderr') as emulator:
     for bucket in args.bucket:
       emulator.create_bucket(bucket)
@@ -97,4 +105,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.run(main)

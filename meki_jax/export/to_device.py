@@ -35,6 +35,7 @@ DEVICE_FORMAT = 'meki-device'
 # 3: the KV cache inside the programs, quantization, the binding covers every field
 DEVICE_VERSION = 3
 PTE = 'model.pte'
+XNNPACK_GROUP = 32  # its 8da4w kernels take weight groups of a multiple of 32 values
 DEVICE_EXPORT = files.Kind('device export', manifest=DEVICE_MANIFEST, format=DEVICE_FORMAT)
 # The shortest prefill: torch.export specialises a dynamic dimension seen as 1, so a single
 # token (a one-token prompt, or the last one of an odd chunking) goes to `decode`.
@@ -182,6 +183,9 @@ def write_device_export(directory, out, *, cache_len, batch=1, formats=FORMATS, 
   unknown = sorted(set(formats) - set(FORMATS))
   if unknown or not formats:
     raise ValueError(f'formats={list(formats)}: choose from {FORMATS}')
+  if qlinear and 'pte' in formats and group_size % XNNPACK_GROUP:
+    raise ValueError(f'--group_size={group_size}: XNNPACK runs 8da4w only in groups of a '
+                     f'multiple of {XNNPACK_GROUP} (--formats=pt2 takes any group size)')
   steps = ['check and load the export', 'quantize' if qlinear or qembedding else 'build',
            'torch.export prefill and decode']
   steps += ['save .pt2'] * ('pt2' in formats) + ['lower to ExecuTorch (XNNPACK)'] * (

@@ -25,7 +25,7 @@ from configs import base
 def get_config(arg=None):
   config = base.get_config()
   config.model = base.model_config(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
-                                   d_ff=64, d_mem=8)
+                                   d_ff=64, d_mem=32)
   config.model.update(head_dim=16, dtype='float32', remat_policy='none')
   config.train.update(num_steps=36, global_batch_size=8)
   config.optim.update(peak_lr=2e-2, end_lr=2e-3, warmup_steps=3)

@@ -164,6 +164,13 @@ def test_overwrite_never_deletes_the_memory_export_it_reads(exported):
   to_device.memory_store.open_export(directory)  # whole: every file verifies
 
 
+
+def test_a_group_size_xnnpack_cannot_run_is_refused_before_any_work(tmp_path):
+  with pytest.raises(ValueError, match=r'--group_size=16: XNNPACK runs 8da4w only in groups of '
+                                       r'a multiple of 32 \(--formats=pt2 takes any'):
+    to_device.write_device_export(tmp_path / 'no-export-here', tmp_path / 'device', cache_len=8,
+                                  qlinear='8da4w', group_size=16)
+
 @pytest.mark.parametrize('dtype, flavor', [
     ('float16', 'paper'), ('bfloat16', 'paper'), ('float16', 'authors_release'),
     ('int8', 'paper'), ('int4', 'paper')])
@@ -236,9 +243,9 @@ def test_a_quantized_bundle_runs_under_both_runtimes_and_keeps_the_cycle(exporte
   memory_dir = tmp_path / 'memory-int8'
   exporter.export_checkpoint(workdir, config.model, memory_dir, dtype='int8',
                              rows_per_shard=16384)
-  device = write(memory_dir, tmp_path / 'device', qlinear='8da4w', group_size=16,
+  device = write(memory_dir, tmp_path / 'device', qlinear='8da4w', group_size=32,
                  qembedding='8w', logits='last')
-  assert device['quantization'] == {'linear': '8da4w', 'group_size': 16, 'embedding': '8w'}
+  assert device['quantization'] == {'linear': '8da4w', 'group_size': 32, 'embedding': '8w'}
   assert device['tables']['name'] == 'int8' and [entry['dtype'] for entry in device[
       'signature']['inputs']] == ['int64', 'int64', 'int8', 'float16']
   for runtime in ('pte', 'pt2'):

@@ -251,7 +251,10 @@ def measure(workers, args):
 
 
 def file_bytes(path):
-  return sum(file.stat().st_size for file in pathlib.Path(path).rglob('*') if file.is_file())
+  """The size of a file, or of every file under a directory."""
+  path = pathlib.Path(path)
+  files = path.rglob('*') if path.is_dir() else [path]
+  return sum(file.stat().st_size for file in files if file.is_file())
 
 
 def report(results, workers, work, args):

@@ -3,7 +3,7 @@
 from meki_jax.model.attention import ATTENTION_IMPLEMENTATIONS
 from meki_jax.model.engram import hash_moduli
 from meki_jax.model.meki import FLAVORS, FUSIONS, MEMORIES, MEMORY_MIXES, POSITIONS, PROJECTIONS
-from meki_jax.model.transformer import REMAT_POLICIES
+from meki_jax.model.remat import REMAT_POLICIES
 
 DTYPES = ('float32', 'bfloat16', 'float16')
 

@@ -1,0 +1,45 @@
+"""What each layer keeps for its backward pass (`config.model.remat_policy`).
+
+The layers run under `nn.remat` with a policy over the activations the model names with
+`checkpoint_name`: 'query', 'key', 'value' (after q/k RMSNorm and RoPE), 'context' (what the
+attention's backward needs of its forward: attention.self_attention), 'attn_out' (the output
+projection). Each layer's input (the scan carry) is always kept. Per-device memory of each
+policy at the recipe's shape: README, "Will it fit?".
+"""
+
+import jax
+
+REMAT_POLICIES = ('none', 'mlp', 'mlp_qkv', 'full')
+
+
+def saved_names(model_config):
+  """The named activations `model_config.remat_policy` keeps; None for 'none' (keeps all).
+
+  - 'mlp', Megatron's selective recompute: the attention's q, k, v, its context and the output
+    projection are kept; the norms, the FFN's hidden activations and the MeKi branch (an MLP
+    parallel to the FFN) are recomputed. With q/k RMSNorm (model.qk_norm) the backward pass runs
+    the q and k projections again whatever is kept (the norm's gradient needs their pre-norm
+    values), so q and k are not kept: the norm and RoPE are recomputed from those projections
+    (elementwise), which saves 192 MiB per layer and device at 1.7B.
+  - 'mlp_qkv': only the context and the output projection; q, k and v are recomputed (the v
+    projection runs again, and q's and k's without q/k RMSNorm).
+  - 'full': nothing but each layer's input.
+  """
+  policy = model_config.remat_policy
+  if policy == 'none':
+    return None
+  if policy == 'mlp':
+    return (() if model_config.qk_norm else ('query', 'key')) + ('value', 'context', 'attn_out')
+  if policy == 'mlp_qkv':
+    return ('context', 'attn_out')
+  if policy == 'full':
+    return ()
+  raise ValueError(f'model.remat_policy={policy!r} is not one of {REMAT_POLICIES}')
+
+
+def checkpoint_policy(model_config):
+  """The `jax.checkpoint` policy of each layer, or None (no remat) for 'none'."""
+  names = saved_names(model_config)
+  if names is None:
+    return None
+  return jax.checkpoint_policies.save_only_these_names(*names)

@@ -37,6 +37,9 @@ def model_config(*, num_layers, d_model, num_heads, num_kv_heads, d_ff, d_mem):
       dtype='bfloat16',  # activations; parameters stay in param_dtype
       param_dtype='float32',
       remat_policy='mlp',  # none | mlp | mlp_qkv | full; mlp: the recipe's selective recompute
+      # activations the remat policy keeps that live in host memory instead of HBM, of
+      # layer_input | query | key | value | context | attn_out (model/remat.py)
+      remat_offload=(),
       attention='auto',  # auto | xla | blocked | splash (model/attention.py)
       attention_block=512,  # positions per block of the blocked and splash attentions
       loss_chunk_len=256,  # positions per chunk of the logits in the loss (0 = whole sequence)

@@ -3,7 +3,7 @@
 from meki_jax.model.attention import ATTENTION_IMPLEMENTATIONS
 from meki_jax.model.engram import hash_moduli
 from meki_jax.model.meki import FLAVORS, FUSIONS, MEMORIES, MEMORY_MIXES, POSITIONS, PROJECTIONS
-from meki_jax.model.remat import REMAT_POLICIES
+from meki_jax.model.remat import OFFLOADABLE, REMAT_POLICIES, offloadable_names
 
 DTYPES = ('float32', 'bfloat16', 'float16')
 
@@ -65,6 +65,22 @@ def _validate_engram(model):
     raise ConfigError(str(error)) from error
 
 
+def _validate_remat_offload(model):
+  offload = model.remat_offload
+  _require(isinstance(offload, (list, tuple)) and len(set(offload)) == len(offload)
+           and all(name in OFFLOADABLE for name in offload),
+           f'model.remat_offload={offload!r} must be a tuple of distinct names from '
+           f'{OFFLOADABLE}')
+  if offload:
+    _require(model.remat_policy != 'none', f'model.remat_offload={tuple(offload)!r} needs a '
+             "remat policy: model.remat_policy='none' keeps every activation in HBM")
+    allowed = offloadable_names(model)
+    for name in offload:
+      _require(name in allowed, f'model.remat_offload={tuple(offload)!r}: '
+               f'model.remat_policy={model.remat_policy!r} does not keep {name!r} (with '
+               f'model.qk_norm={model.qk_norm}); it keeps {allowed}')
+
+
 def validate_model(model):
   """Checks `config.model` (shapes, variant names, dtypes); returns it unchanged."""
   for name in ('vocab_size', 'num_layers', 'd_model', 'num_heads', 'num_kv_heads', 'head_dim',
@@ -80,6 +96,7 @@ def validate_model(model):
   _choice('model', 'dtype', model.dtype, DTYPES)
   _choice('model', 'param_dtype', model.param_dtype, DTYPES)
   _choice('model', 'remat_policy', model.remat_policy, REMAT_POLICIES)
+  _validate_remat_offload(model)
   _choice('model', 'attention', model.attention, ATTENTION_IMPLEMENTATIONS)
   _positive('model', 'attention_block', model.attention_block)
   _require(isinstance(model.loss_chunk_len, int) and model.loss_chunk_len >= 0,

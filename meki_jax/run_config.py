@@ -37,15 +37,16 @@ def _from_plain(value):
 # model fields that choose how the same parameters are computed, not which parameters exist: a
 # resume may change them (e.g. remat 'full' -> 'mlp' on a larger slice)
 IMPLEMENTATION_FIELDS = ('model.remat_policy', 'model.attention', 'model.attention_block',
-                         'model.loss_chunk_len', 'model.memory_mix', 'model.weight_grad_first')
+                         'model.loss_chunk_len', 'model.memory_mix', 'model.weight_grad_first',
+                         'model.remat_offload')
 # what a config.json written before a field existed stands for (configs/base.py's defaults)
 ADDED_MODEL_DEFAULTS = dict(attention='auto', attention_block=512, loss_chunk_len=256,
-                            memory_mix='auto', weight_grad_first=True)
+                            memory_mix='auto', weight_grad_first=True, remat_offload=())
 
 
 def _upgrade(plain):
-  """A config.json written before model.flavor, data.mask_eod_input and the attention and loss
-  fields existed -> today's keys (ADDED_MODEL_DEFAULTS for the latter).
+  """A config.json written before model.flavor, data.mask_eod_input and the attention, loss and
+  remat offload fields existed -> today's keys (ADDED_MODEL_DEFAULTS for the latter).
 
   Such runs are the `paper` flavor with per-document attention; their `data.mask_eod_target`
   (loss masked where the TARGET is EOD) is replaced by today's Megatron semantics.

@@ -1,15 +1,21 @@
-"""What each layer keeps for its backward pass (`config.model.remat_policy`).
+"""What each layer keeps for its backward pass (`config.model.remat_policy`) and where it keeps
+it (`config.model.remat_offload`: HBM, or the host's pinned memory).
 
 The layers run under `nn.remat` with a policy over the activations the model names with
-`checkpoint_name`: 'query', 'key', 'value' (after q/k RMSNorm and RoPE), 'context' (what the
-attention's backward needs of its forward: attention.self_attention), 'attn_out' (the output
-projection). Each layer's input (the scan carry) is always kept. Per-device memory of each
-policy at the recipe's shape: README, "Will it fit?".
+`checkpoint_name`: 'layer_input' (the layer's input, the scan carry), 'query', 'key', 'value'
+(after q/k RMSNorm and RoPE), 'context' (what the attention's backward needs of its forward:
+attention.self_attention), 'attn_out' (the output projection). Each layer's input is always kept.
+Per-device memory of each policy at the recipe's shape: README, "Will it fit?".
+
+Offloaded activations are copied to host memory as the forward pass makes them and back as the
+backward pass needs them (XLA overlaps the copies with compute); HBM then holds none of them
+across the layer loop.
 """
 
 import jax
 
 REMAT_POLICIES = ('none', 'mlp', 'mlp_qkv', 'full')
+OFFLOADABLE = ('layer_input', 'query', 'key', 'value', 'context', 'attn_out')
 
 
 def saved_names(model_config):
@@ -37,9 +43,22 @@ def saved_names(model_config):
   raise ValueError(f'model.remat_policy={policy!r} is not one of {REMAT_POLICIES}')
 
 
+def offloadable_names(model_config):
+  """What `model_config.remat_offload` may name: each layer's input and what the policy keeps."""
+  return ('layer_input',) + (saved_names(model_config) or ())
+
+
 def checkpoint_policy(model_config):
-  """The `jax.checkpoint` policy of each layer, or None (no remat) for 'none'."""
+  """The `jax.checkpoint` policy of each layer, or None (no remat) for 'none'.
+
+  The names in model_config.remat_offload are kept in pinned host memory, the others in HBM.
+  """
   names = saved_names(model_config)
   if names is None:
     return None
-  return jax.checkpoint_policies.save_only_these_names(*names)
+  offload = tuple(model_config.remat_offload)
+  if not offload:
+    return jax.checkpoint_policies.save_only_these_names(*names)
+  return jax.checkpoint_policies.save_and_offload_only_these_names(
+      names_which_can_be_saved=[name for name in names if name not in offload],
+      names_which_can_be_offloaded=list(offload), offload_src='device', offload_dst='pinned_host')

@@ -53,6 +53,7 @@ class DecoderLayer(nn.Module):
     norm = lambda name: RMSNorm(axis='embed', eps=cfg.norm_eps, name=name, **dtypes)
     meki_position = cfg.meki.position if meki_enabled(cfg) else None
     out_std = output_init_std(cfg)
+    x = checkpoint_name(x, 'layer_input')  # what model.remat_offload may move to the host
 
     def meki(hidden):
       rows = memory_rows(hidden) if callable(memory_rows) else memory_rows

@@ -123,6 +123,10 @@ def get_config(arg=None):
       eps=1e-8,
       weight_decay=0.1,
       clip_norm=1.0,
+      # keep the fp32 parameters / the Adam moments in the host's pinned memory and stream
+      # them into HBM each step (train/state.py)
+      params_on_host=False,
+      opt_state_on_host=False,
   ))
   config.mesh = ml_collections.ConfigDict(dict(
       # Sizes of the mesh axes; -1 takes the devices the other axes leave.

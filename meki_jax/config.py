@@ -191,4 +191,6 @@ def validate(config):
              f'optim.b1={optim.b1}, optim.b2={optim.b2} must lie in [0, 1)')
     _require(optim.weight_decay >= 0, f'optim.weight_decay={optim.weight_decay} must be >= 0')
     _require(optim.clip_norm > 0, f'optim.clip_norm={optim.clip_norm} must be positive')
+    for name in ('params_on_host', 'opt_state_on_host'):
+      _require(isinstance(optim[name], bool), f'optim.{name}={optim[name]!r} must be True or False')
   return config

@@ -42,11 +42,12 @@ IMPLEMENTATION_FIELDS = ('model.remat_policy', 'model.attention', 'model.attenti
 # what a config.json written before a field existed stands for (configs/base.py's defaults)
 ADDED_MODEL_DEFAULTS = dict(attention='auto', attention_block=512, loss_chunk_len=256,
                             memory_mix='auto', weight_grad_first=True, remat_offload=())
+ADDED_OPTIM_DEFAULTS = dict(params_on_host=False, opt_state_on_host=False)
 
 
 def _upgrade(plain):
   """A config.json written before model.flavor, data.mask_eod_input and the attention, loss and
-  remat offload fields existed -> today's keys (ADDED_MODEL_DEFAULTS for the latter).
+  memory fields existed -> today's keys (ADDED_MODEL_DEFAULTS, ADDED_OPTIM_DEFAULTS for those).
 
   Such runs are the `paper` flavor with per-document attention; their `data.mask_eod_target`
   (loss masked where the TARGET is EOD) is replaced by today's Megatron semantics.
@@ -55,6 +56,8 @@ def _upgrade(plain):
     plain['model'].setdefault('flavor', 'paper')
     for key, value in ADDED_MODEL_DEFAULTS.items():
       plain['model'].setdefault(key, value)
+  for key, value in ADDED_OPTIM_DEFAULTS.items():
+    plain.get('optim', {}).setdefault(key, value)
   data = plain.get('data')
   if data is not None and 'mask_eod_target' in data:
     del data['mask_eod_target']

@@ -50,7 +50,8 @@ def test_nonsense_fails_naming_the_field(field, value, message):
     validate(config)
 
 
-@pytest.mark.parametrize('section, field', [('model', 'weight_grad_first')])
+@pytest.mark.parametrize('section, field', [('model', 'weight_grad_first'),
+                                            ('optim', 'opt_state_on_host')])
 def test_a_switch_read_from_json_must_be_a_boolean(section, field):
   """ml_collections refuses a string for a bool field; a hand-edited config.json does not."""
   config = base.get_config()

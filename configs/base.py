@@ -46,8 +46,8 @@ def model_config(*, num_layers, d_model, num_heads, num_kv_heads, d_ff, d_mem):
       # where MeKi's equations (1)-(3) run: auto | tokens | vocabulary (model/meki.py)
       memory_mix='auto',
       # compute the kernel gradients of the FFN gate/up (and down, with MeKi parallel to the
-      # FFN) and MeKi's output projection together with their input gradients (lower peak
-      # memory; model/layers.py, Dense)
+      # FFN and remat other than full) and MeKi's output projection together with their input
+      # gradients (lower peak memory; model/layers.py, Dense)
       weight_grad_first=True,
       meki=ml_collections.ConfigDict(dict(
           enabled=d_mem > 0,

@@ -55,8 +55,9 @@ def project_weight_grad_first(x, kernel, in_axes):
   the FFN's gate and up and on MeKi's output projection (`config.model.weight_grad_first`), it
   lowered meki_1p7b's `mlp` step at the recipe's shape from 25.57 to 24.80 GiB per device and
   left dense_1p7b's at 24.28 (on q/k/v it raised dense's). On the FFN's down projection it
-  raises dense's (dense_4b 28.91 -> 29.72 GiB) and lowers meki_4b's (30.43 -> 30.02), so it is
-  set there only with a MeKi branch parallel to the FFN.
+  raises dense's (dense_4b 28.91 -> 29.72 GiB) and meki's under 'full' (meki_1p7b 8.19 ->
+  8.26) and lowers meki_4b's under 'mlp' (30.43 -> 30.02), so it is set there only with a MeKi
+  branch parallel to the FFN and a policy that keeps the attention.
   """
   return _project(x, kernel, in_axes)
 

@@ -78,9 +78,11 @@ class DecoderLayer(nn.Module):
     x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
 
     ffn_in = norm('pre_ffn_norm')(x)  # (7)
-    # and the down projection when MeKi shares the FFN's output: XLA deferred its kernel
-    # gradient past the attention backward, keeping the FFN's hidden (608 MiB at meki_4b)
-    ffn_first = ('gate', 'up', 'down') if meki_position == 'parallel_ffn' else ('gate', 'up')
+    # and the down projection when MeKi shares the FFN's output and the attention is kept: XLA
+    # deferred its kernel gradient past the attention backward, keeping the FFN's hidden
+    # (608 MiB at meki_4b); under 'full' the barrier costs memory instead (layers.py)
+    down_first = meki_position == 'parallel_ffn' and cfg.remat_policy != 'full'
+    ffn_first = ('gate', 'up', 'down') if down_first else ('gate', 'up')
     ffn = SwiGLU(hidden=cfg.d_ff, out=cfg.d_model, std=cfg.init_std, out_std=out_std,
                  name='mlp', weight_grad_first=ffn_first if cfg.weight_grad_first else (),
                  **dtypes)

@@ -79,6 +79,10 @@ def _validate_remat_offload(model):
       _require(name in allowed, f'model.remat_offload={tuple(offload)!r}: '
                f'model.remat_policy={model.remat_policy!r} does not keep {name!r} (with '
                f'model.qk_norm={model.qk_norm}); it keeps {allowed}')
+    _require('context' not in offload or model.attention in ('xla', 'blocked'),
+             f'model.remat_offload={tuple(offload)!r}: with model.attention='
+             f"{model.attention!r} (the splash kernel on TPU) jax runs the kernel's forward "
+             "again instead of bringing its offloaded context back; keep 'context' in HBM")
 
 
 def validate_model(model):

@@ -32,6 +32,7 @@ def test_shipped_configs_validate(name):
      "model.remat_offload=('layer_input', 'hidden') must be a tuple of distinct names"),
     # with q/k RMSNorm 'mlp' keeps neither q nor k: nothing of them to offload
     ('model.remat_offload', ('query',), "model.remat_policy='mlp' does not keep 'query'"),
+    ('model.remat_offload', ('context',), "with model.attention='auto' (the splash kernel"),
     ('model.memory_mix', 'rows', "model.memory_mix='rows'"),
     ('model.dtype', 'int8', "model.dtype='int8'"),
     ('model.d_model', 0, 'model.d_model=0'),

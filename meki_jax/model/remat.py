@@ -9,7 +9,10 @@ Per-device memory of each policy at the recipe's shape: README, "Will it fit?".
 
 Offloaded activations are copied to host memory as the forward pass makes them and back as the
 backward pass needs them (XLA overlaps the copies with compute); HBM then holds none of them
-across the layer loop.
+across the layer loop. The splash kernel's context is the exception: its residuals belong to a
+custom_vjp, and with them offloadable jax runs the kernel's forward again in the backward pass
+(+554 TFLOP per step at dense_1p7b's recipe shape) instead of bringing them back, so validation
+refuses to offload 'context' unless the attention is xla or blocked.
 """
 
 import jax

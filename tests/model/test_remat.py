@@ -68,7 +68,8 @@ def test_splash_context_is_kept_once(tiny_model_config):
 def test_offloaded_activations_are_kept_in_host_memory_with_the_same_gradients(
     tiny_model_config):
   offload = ('layer_input', 'value', 'context', 'attn_out')
-  config = tiny_model_config(d_ff=D_FF, remat_policy='mlp', remat_offload=offload)
+  config = tiny_model_config(d_ff=D_FF, remat_policy='mlp', remat_offload=offload,
+                             attention='xla')  # the splash context is not offloadable
   loss, params = _loss_and_params(config, init=lambda f, *args: f(*args))
   on_host = sorted(aval.shape for aval, _ in saved_residuals(loss, params)
                    if aval.memory_space == jax.memory.Space.Host)
@@ -77,7 +78,8 @@ def test_offloaded_activations_are_kept_in_host_memory_with_the_same_gradients(
   assert on_host == sorted([(layers, BATCH, SEQ, config.d_model)] * 2  # input, attn_out
                            + [(layers, BATCH, SEQ, kv_heads, head_dim),  # value
                               (layers, BATCH, SEQ, kv_heads, group, head_dim)])  # context
-  in_hbm_loss, _ = _loss_and_params(tiny_model_config(d_ff=D_FF, remat_policy='mlp'))
+  in_hbm_loss, _ = _loss_and_params(tiny_model_config(d_ff=D_FF, remat_policy='mlp',
+                                                      attention='xla'))
   offloaded, in_hbm = jax.jit(jax.grad(loss))(params), jax.jit(jax.grad(in_hbm_loss))(params)
   for a, b in zip(jax.tree_util.tree_leaves(offloaded), jax.tree_util.tree_leaves(in_hbm)):
     np.testing.assert_array_equal(a, b)

@@ -1,9 +1,10 @@
 """Export I/O: tensorstore shard writes and per-token row gathers against the raw disk.
 
-  python benchmarks/export_io.py [--config configs/meki_1p7b.py] [--dtype float16]
+  python benchmarks/export_io.py [--config configs/meki_1p7b.py] [--dtype float16|int8|int4]
       [--rows 151680] [--repeats 3] [--gathers 2000] [--cache_mb 16] [--dir /tmp]
 
-Writes M~ for `--rows` tokens ([rows, num_layers, d_mem], random values: the fold is not timed)
+Writes M~ for `--rows` tokens ([rows, num_layers, d_mem], random values stored under the table
+scheme `--dtype`, export/table_quant.py; the fold is not timed)
 twice in the same run: as plain files of the same shard sizes with write + fsync (the raw disk
 baseline) and through memory_store.TableWriter (zarr3 shards, tensorstore, fsync on commit). Then
 times reading all layers of one token: tensorstore (FoldedMemory.rows) against os.pread of the
@@ -21,7 +22,7 @@ import time
 
 import numpy as np
 
-from meki_jax.export import memory_store
+from meki_jax.export import memory_store, table_quant
 
 
 def _load_model_config(path):
@@ -64,7 +65,8 @@ def percentiles(seconds):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--config', default='configs/meki_1p7b.py')
-  parser.add_argument('--dtype', default='float16', choices=list(memory_store.DTYPES))
+  parser.add_argument('--dtype', default='float16', choices=list(table_quant.SCHEMES))
+  parser.add_argument('--table_group_size', type=int, default=32, help='int4 values per scale')
   parser.add_argument('--rows', type=int, default=None, help='tokens to write (default: vocab)')
   parser.add_argument('--rows_per_shard', type=int, default=8192)
   parser.add_argument('--gathers', type=int, default=2000)
@@ -77,11 +79,13 @@ def main():
   model = _load_model_config(args.config)
   vocab = args.rows or model.vocab_size
   layers, d_mem = model.num_layers, model.meki.d_mem
-  dtype = memory_store.DTYPES[args.dtype]
-  token_bytes = layers * d_mem * dtype.itemsize
+  scheme = table_quant.TableScheme(args.dtype,
+                                   args.table_group_size if args.dtype == 'int4' else 0)
+  token_bytes = layers * scheme.stored_width(d_mem) * scheme.storage_dtype.itemsize
   ranges = memory_store.shard_ranges(vocab, args.rows_per_shard)
   shard = np.random.default_rng(0).standard_normal(
-      (args.rows_per_shard, layers, d_mem), dtype=np.float32).astype(dtype)
+      (args.rows_per_shard, layers, d_mem), dtype=np.float32)
+  raw_shard = scheme.encode(shard).tobytes()  # the same bytes, for the raw baseline
   total = vocab * token_bytes
   print(f'{args.config}: {vocab:,} tokens x {layers} layers x {d_mem} {args.dtype} = '
         f'{token_bytes:,} B per token, {total / 2**30:.2f} GiB in {len(ranges)} shards')
@@ -93,11 +97,11 @@ def main():
     raw_rates, write_rates, shard_sizes = [], [], [(stop - start) * token_bytes
                                                    for start, stop in ranges]
     for repeat in range(args.repeats):
-      raw_seconds = raw_write(work / f'raw{repeat}', shard.tobytes(), shard_sizes)
+      raw_seconds = raw_write(work / f'raw{repeat}', raw_shard, shard_sizes)
       raw_rates.append(total / raw_seconds)
       export_dir = work / f'export{repeat}'
       start = time.perf_counter()
-      writer = memory_store.TableWriter(export_dir, (vocab, layers, d_mem), args.dtype,
+      writer = memory_store.TableWriter(export_dir, (vocab, layers, d_mem), scheme,
                                         args.rows_per_shard)
       for index, (first, stop) in enumerate(ranges):
         writer.write_shard(index, shard[:stop - first])
@@ -120,7 +124,7 @@ def main():
     print(f'sha256 of the shards            {written / checksum_seconds / 1e6:8.1f} MB/s  '
           f'(last export: {write_seconds + checksum_seconds:.1f} s)')
 
-    entry = memory_store.memory_manifest((vocab, layers, d_mem), args.dtype,
+    entry = memory_store.memory_manifest((vocab, layers, d_mem), scheme,
                                          args.rows_per_shard, records)
     config = {'vocab_size': vocab, 'num_layers': layers, 'meki': {'d_mem': d_mem}}
     memory = memory_store.FoldedMemory(export_dir, entry, config, args.cache_mb << 20)

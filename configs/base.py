@@ -95,9 +95,10 @@ def get_config(arg=None):
       # Megatron's --eod-mask-loss (spec section 6): no loss where the INPUT is end-of-document;
       # a document's final EOD is a target, so the model learns to end documents.
       mask_eod_input=True,
-      # True: attention masked per document; False: causal over the whole packed row with
-      # positions still reset per document (the authors' released code, spec 6a point 6).
-      attention_per_document=True,
+      # documents: each document its own segment, positions reset per document (spec 6);
+      # stream: megatron-core's rows, windows of the concatenated token stream with positions
+      # 0..seq_len-1 and causal attention across documents (spec 6a point 6; data/packing.py).
+      packing='documents',
       shuffle_seed=0,
       num_workers=0,  # grain worker processes; 0 = read in the main process
       prefetch_buffer=16,
@@ -163,15 +164,15 @@ ARGUMENT_KEYS = ('flavor',) + tuple(VARIANT_KEYS)
 def apply_flavor(config, flavor):
   """Sets `config.model.flavor` and what the flavor implies elsewhere in the config.
 
-  authors_release (spec section 6a) also turns off the q/k RMSNorm (point 4) and the
-  per-document attention mask (point 6: causal over the packed row, positions still reset);
-  either can be set back from the command line afterwards. Validation names a bad flavor.
+  authors_release (spec section 6a) also turns off the q/k RMSNorm (point 4) and packs rows as
+  megatron-core does (point 6: `data.packing='stream'`); either can be set back from the command
+  line afterwards. Validation names a bad flavor.
   """
   config.model.flavor = flavor
   release = flavor == 'authors_release'
   config.model.qk_norm = not release
   if 'data' in config:
-    config.data.attention_per_document = not release
+    config.data.packing = 'stream' if release else 'documents'
   return config
 
 

@@ -1,5 +1,6 @@
 """Validation of a run's ConfigDict: every error names the field and its value."""
 
+from meki_jax.data.packing import PACKINGS
 from meki_jax.model.attention import ATTENTION_IMPLEMENTATIONS
 from meki_jax.model.engram import hash_moduli
 from meki_jax.model.meki import FLAVORS, FUSIONS, MEMORIES, MEMORY_MIXES, POSITIONS, PROJECTIONS
@@ -160,6 +161,7 @@ def validate(config):
              'data.mask_eod_input (default True, Megatron\'s --eod-mask-loss: no loss where the '
              'INPUT is EOD; spec section 6)')
     _positive('data', 'seq_len', config.data.seq_len)
+    _choice('data', 'packing', config.data.packing, PACKINGS)
     seq_len, model = config.data.seq_len, config.model
     for name in ('attention_block', 'loss_chunk_len'):
       chunk = model[name]

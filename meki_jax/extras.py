@@ -1,12 +1,12 @@
 """A clean exit when an optional dependency is missing: which extra of meki-jax installs it.
 
-Imports nothing beyond the standard library, so the device tools (torch only, no jax or absl)
-can call it first.
+Imports nothing beyond the standard library (and meki_jax.cli, which imports no more), so the
+device tools (torch only, no jax or absl) can call it first.
 """
 
 import importlib
-import os
-import sys
+
+from meki_jax import cli
 
 
 def require_extra(extra, module):
@@ -16,10 +16,5 @@ def require_extra(extra, module):
   except ModuleNotFoundError as error:
     if error.name != module and not (error.name or '').startswith(module + '.'):
       raise
-    program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else 'meki_jax'
-    if program == '__main__.py':
-      program = 'python -m meki_jax.eval' if module == 'lm_eval' else program
-    print(f'{program}: error: this needs the {module} package, which the [{extra}] extra '
-          f'installs: pip install "meki-jax[{extra}]" (or pip install -e ".[{extra}]" in a '
-          'clone)', file=sys.stderr, flush=True)
-    sys.exit(1)
+    cli.fail(f'this needs the {module} package, which the [{extra}] extra installs: pip install '
+             f'"meki-jax[{extra}]" (or pip install -e ".[{extra}]" in a clone)')

@@ -10,22 +10,26 @@ The folded (inference) form is the default; `--form=training` decodes the unfold
 `--host_memory=PATH.npy` writes the folded tables there and decodes with them on the host.
 """
 
-import os
-import pathlib
+from meki_jax import cli
 
-import flax.linen as nn
-import jax
-import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+cli.start(__name__)  # before jax is imported: Ctrl-C is one line from here on
 
-from meki_jax import cli, decode, fold, host_memory, run_config
-from meki_jax.config import validate
-from meki_jax.data.tokenizer import load_tokenizer
-from meki_jax.model.transformer import build_model, meki_enabled
-from meki_jax.sharding import MESH_AXES, axis_rules
-from meki_jax.train import checkpoint, optim, state as state_lib
-from meki_jax.train.errors import RunError
+import os  # noqa: E402
+import pathlib  # noqa: E402
+import sys  # noqa: E402
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from meki_jax import decode, fold, host_memory, run_config  # noqa: E402
+from meki_jax.config import validate  # noqa: E402
+from meki_jax.data.tokenizer import load_tokenizer  # noqa: E402
+from meki_jax.model.transformer import build_model, meki_enabled  # noqa: E402
+from meki_jax.sharding import MESH_AXES, axis_rules  # noqa: E402
+from meki_jax.train import checkpoint, optim, state as state_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'The run\'s config (configs/*.py[:arg]); '
                                           'default: <workdir>/config.json.', lock_config=True)
@@ -81,8 +85,10 @@ def load_params(config, workdir, step=None):
   return nn.meta.unbox(state.params)
 
 
-def inference_model(params, model_config, form, host_memory_path=None, overwrite=False):
-  """(DecodeTransformer, its params, HostMemory or None) for training params in `form`."""
+def inference_model(params, model_config, form, host_memory_path=None, overwrite=False,
+                    sources=()):
+  """(DecodeTransformer, its params, HostMemory or None) for training params in `form`; the
+  host-memory table is written as host_memory.write_host_memory does."""
   if form == 'training' or not meki_enabled(model_config):
     if host_memory_path:
       raise ValueError('--host_memory needs --form=folded and a MeKi model')
@@ -91,7 +97,7 @@ def inference_model(params, model_config, form, host_memory_path=None, overwrite
   memory = None
   if host_memory_path:
     folded, tables = host_memory.split_folded_tables(folded)
-    memory = host_memory.write_host_memory(tables, host_memory_path, overwrite=overwrite)
+    memory = host_memory.write_host_memory(tables, host_memory_path, overwrite, sources)
   return (build_model(model_config, folded=True, decode=True),
           decode.decode_params(folded, model_config), memory)
 
@@ -103,17 +109,17 @@ def main(argv):
   if not _PROMPT.value:
     raise app.UsageError('pass at least one --prompt')
   sampling = decode.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
-  workdir, step = cli.report_errors(
-      lambda: checkpoint_location(_WORKDIR.value, _CHECKPOINT.value), (ValueError, OSError))
-  config = cli.load_config(_CONFIG) or cli.report_errors(lambda: run_config.load(workdir),
-                                                         (ValueError, OSError))
-  config = cli.report_errors(lambda: validate(config), ValueError)
-  params = cli.report_errors(lambda: load_params(config, workdir, step),
-                             (RunError, ValueError, OSError))
-  model, params, memory = inference_model(params, config.model, _FORM.value, _HOST_MEMORY.value,
-                                          _OVERWRITE.value)
+  workdir, step = checkpoint_location(_WORKDIR.value, _CHECKPOINT.value)
+  if _HOST_MEMORY.value:
+    host_memory.check_path(_HOST_MEMORY.value, _OVERWRITE.value, sources=(workdir,))
+  config = validate(_CONFIG.value or run_config.load(workdir))
   tokenizer = load_tokenizer(config.data.tokenizer)
   prompts = [tokenizer.encode(text) for text in _PROMPT.value]
+  decode.check_prompts(prompts, config.model.vocab_size, _CACHE_LEN.value or sys.maxsize,
+                       _MAX_NEW_TOKENS.value)  # all of the above before the restore
+  params = load_params(config, workdir, step)
+  model, params, memory = inference_model(params, config.model, _FORM.value, _HOST_MEMORY.value,
+                                          _OVERWRITE.value, sources=(workdir,))
   outputs = decode.generate(model, params, prompts, max_new_tokens=_MAX_NEW_TOKENS.value,
                             eod_id=config.data.eod_id, cache_len=_CACHE_LEN.value,
                             sampling=sampling, seed=_SEED.value, memory=memory,
@@ -125,4 +131,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run_absl(main)

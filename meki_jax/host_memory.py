@@ -10,13 +10,14 @@ it uses them (`DecoderLayer` calls the row function with the branch's input).
 """
 
 import concurrent.futures
-import os
 import pathlib
 import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from meki_jax import files
 
 
 class HostMemory:
@@ -109,29 +110,33 @@ def split_folded_tables(folded_params):
   return {**folded_params, 'layers': {**folded_params['layers'], 'meki': meki}}, tables
 
 
-def write_host_memory(tables, path, overwrite=False):
+TABLE = files.Kind('host-memory table', magic=b'\x93NUMPY')  # a .npy file; what --overwrite replaces
+
+
+def check_path(path, overwrite=False, sources=()):
+  """Raises unless a host-memory table may be written to `path`: a .npy path that is no input
+  (`sources`), replacing an existing file only with `overwrite` (files.check_output)."""
+  if pathlib.Path(path).suffix != '.npy':
+    raise ValueError(f'host memory path {path} must end in .npy')
+  files.check_output(path, TABLE, overwrite=overwrite, sources=sources)
+
+
+def write_host_memory(tables, path, overwrite=False, sources=()):
   """Writes tables [num_layers, vocab, d_mem] token-major to the .npy file `path` atomically.
 
   Returns the memory-mapped `HostMemory`. Refuses to replace an existing file unless
-  `overwrite`. One layer at a time is copied, so peak host memory is one [vocab, d_mem] table.
+  `overwrite`, and then only a .npy file (files.replacing; `sources`: what `path` must stay clear
+  of). One layer at a time is copied, so peak host memory is one [vocab, d_mem] table.
   """
-  path = pathlib.Path(path)
-  if path.suffix != '.npy':
-    raise ValueError(f'host memory path {path} must end in .npy')
-  if path.exists() and not overwrite:
-    raise FileExistsError(f'{path} exists; pass overwrite=True to replace it')
+  check_path(path, overwrite, sources)
   num_layers, vocab, d_mem = tables.shape
-  temporary = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-  try:
+  with files.replacing(path, TABLE, overwrite=overwrite, sources=sources) as temporary:
     out = np.lib.format.open_memmap(temporary, mode='w+', dtype=np.dtype(tables.dtype),
                                     shape=(vocab, num_layers, d_mem))
     for layer in range(num_layers):
       out[:, layer] = np.asarray(tables[layer])
     out.flush()
     del out
-    os.replace(temporary, path)
-  finally:
-    temporary.unlink(missing_ok=True)
   return open_host_memory(path)
 
 

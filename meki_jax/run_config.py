@@ -1,9 +1,14 @@
-"""A run's config beside its checkpoints: `<workdir>/config.json`.
+"""A run's config, recorded in every checkpoint step and beside them as <workdir>/config.json.
 
-The trainer checks it before anything else (a resume with a different model fails before any
-checkpoint is touched) and writes it (process 0, atomically, with the umask's mode) only once the
-run has started or restored, so that tools reading a workdir (generate, export, evaluation) need
-no `--config` and a failed start never leaves a config that does not match the checkpoints.
+The trainer writes `<step>/config.json` into each checkpoint step before the step's checksum
+manifest (which covers it) and copies it to <workdir>/config.json once the step is committed
+(train/checkpoint.py): only a run that saved a checkpoint leaves a record, and the record is
+always that of a checkpoint. A resume is checked against <workdir>/config.json before anything
+else, and against the step's own record before that step is restored, so a different model
+(fields outside IMPLEMENTATION_FIELDS: a same-shape change such as model.meki.fusion included)
+is refused with or without <workdir>/config.json. Other changes (data, batch size, sequence
+length, schedule) are allowed and listed. Tools reading a workdir (generate, export, evaluation)
+take the config from <workdir>/config.json (or the newest step's record) and need no `--config`.
 """
 
 import json
@@ -14,6 +19,7 @@ import ml_collections
 from meki_jax import files
 
 FILENAME = 'config.json'
+INIT_FROM_HF = 'train.init_from_hf'
 
 
 def _to_plain(value):
@@ -45,83 +51,133 @@ ADDED_MODEL_DEFAULTS = dict(attention='auto', attention_block=512, loss_chunk_le
 ADDED_OPTIM_DEFAULTS = dict(params_on_host=False, opt_state_on_host=False)
 
 
-def _upgrade(plain):
-  """A config.json written before model.flavor, data.mask_eod_input and the attention, loss and
-  memory fields existed -> today's keys (ADDED_MODEL_DEFAULTS, ADDED_OPTIM_DEFAULTS for those).
+def _upgrade(plain, path):
+  """A config.json (at `path`) written before model.flavor, data.mask_eod_input, data.packing
+  and the attention, loss and memory fields existed -> today's keys (ADDED_MODEL_DEFAULTS,
+  ADDED_OPTIM_DEFAULTS for the latter).
 
-  Such runs are the `paper` flavor with per-document attention; their `data.mask_eod_target`
-  (loss masked where the TARGET is EOD) is replaced by today's Megatron semantics.
+  Such runs are the `paper` flavor with per-document packing; their `data.mask_eod_target`
+  (loss masked where the TARGET is EOD) is replaced by today's Megatron semantics. Raises
+  ValueError for an `authors_release` run from before data.packing: that flavor's network
+  changed (its MeKi gate read the raw residual), so its checkpoints are not today's flavor.
   """
-  if 'model' in plain:
-    plain['model'].setdefault('flavor', 'paper')
+  model, data = plain.get('model'), plain.get('data')
+  if model is not None:
+    model.setdefault('flavor', 'paper')
     for key, value in ADDED_MODEL_DEFAULTS.items():
-      plain['model'].setdefault(key, value)
+      model.setdefault(key, value)
   for key, value in ADDED_OPTIM_DEFAULTS.items():
     plain.get('optim', {}).setdefault(key, value)
-  data = plain.get('data')
   if data is not None and 'mask_eod_target' in data:
     del data['mask_eod_target']
     data.setdefault('mask_eod_input', True)
-    data.setdefault('attention_per_document', True)
+  if data is not None and 'packing' not in data:
+    if model is not None and model['flavor'] == 'authors_release':
+      raise ValueError(f'{path} is a model.flavor=authors_release run from before the flavor was '
+                       'corrected (MeKi gate on the raw residual, positions reset per document): '
+                       'today\'s flavor is a different network on the same parameters; train it '
+                       'again in a new --workdir')
+    data.pop('attention_per_document', None)
+    data['packing'] = 'documents'
   return plain
 
 
-def _differences(saved, current, prefix):
-  """Dotted names whose values differ between two plain dicts (IMPLEMENTATION_FIELDS aside)."""
-  names = []
+def _read(path):
+  """The upgraded plain dict of a config file, or None if there is none."""
+  try:
+    with open(path, encoding='utf-8') as stream:
+      return _upgrade(json.load(stream), path)
+  except FileNotFoundError:
+    return None
+  except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    raise ValueError(f'{path} is not valid JSON: {error}') from error
+
+
+def _differences(saved, current, prefix=''):
+  """[(dotted name, saved value, current value)] of the leaves that differ between plain dicts."""
+  found = []
   for key in sorted(set(saved) | set(current)):
-    name = f'{prefix}.{key}'
-    if name in IMPLEMENTATION_FIELDS:
-      continue
+    name = f'{prefix}{key}'
     old, new = saved.get(key), current.get(key)
     if isinstance(old, dict) and isinstance(new, dict):
-      names += _differences(old, new, name)
+      found += _differences(old, new, name + '.')
     elif old != new:
-      names.append(f'{name}: {old!r} in the workdir, {new!r} now')
-  return names
+      found.append((name, old, new))
+  return found
+
+
+def _is_model_change(difference):
+  """Whether a difference changes which parameters the model has or what they compute."""
+  name = difference[0]
+  return name.startswith('model.') and name not in IMPLEMENTATION_FIELDS
+
+
+def _describe(differences, where):
+  return '; '.join(f'{name}: {old!r} {where}, {new!r} now' for name, old, new in differences)
 
 
 def check(config, workdir):
-  """Raises ValueError if <workdir>/config.json was written for a different model: the
-  workdir's checkpoints would not restore into this one."""
+  """The plain config of <workdir>/config.json (None if there is none), after checking that it
+  was written for this model: raises ValueError naming the fields otherwise (the workdir's
+  checkpoints would not restore into this model, or would compute another function)."""
   path = os.path.join(workdir, FILENAME)
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    try:
-      saved = _upgrade(json.load(f))
-    except json.JSONDecodeError as error:
-      raise ValueError(f'{path} is not valid JSON: {error}') from error
-  changed = _differences(saved.get('model', {}), _to_plain(config)['model'], 'model')
-  if changed:
+  saved = _read(path)
+  changed = [d for d in _differences(saved or {}, _to_plain(config)) if _is_model_change(d)]
+  if saved is not None and changed:
     raise ValueError(f'{path} was written for a different model; use a new --workdir or '
-                     'restore the fields: ' + '; '.join(changed))
+                     'restore the fields: ' + _describe(changed, 'in the workdir'))
+  return saved
 
 
-def save(config, workdir, write=True):
-  """Writes `config` to <workdir>/config.json (temp + rename) if `write` (process 0).
+def check_checkpoint(config, step_dir):
+  """(the checkpoint's recorded config or None, [the other settings that changed, described])
+  of a checkpoint step about to be resumed. Raises ValueError naming the model fields if the
+  step was written by a different model, so it holds with or without <workdir>/config.json.
+  train.init_from_hf is left out: a resume does not initialise (see `record`)."""
+  path = os.path.join(step_dir, FILENAME)
+  saved = _read(path)
+  if saved is None:  # written before checkpoints recorded their config
+    return None, []
+  differences = _differences(saved, _to_plain(config))
+  changed = [d for d in differences if _is_model_change(d)]
+  if changed:
+    raise ValueError(f'checkpoint {step_dir} was written by a different model ({path}); use a '
+                     'new --workdir or restore the fields: ' + _describe(changed, 'there'))
+  others = [d for d in differences if not _is_model_change(d) and d[0] != INIT_FROM_HF]
+  return saved, [_describe([d], 'at the checkpoint') for d in others]
 
-  Raises ValueError, on every process, if the workdir already holds a config with a different
-  model (see check).
+
+def record(config, resumed_from=None):
+  """The JSON text a run records in its checkpoints and as <workdir>/config.json.
+
+  resumed_from: the plain config the resumed run recorded (None for a new run, {} if unknown):
+  its train.init_from_hf is kept, since a resume restores the checkpoint and ignores the flag.
   """
-  check(config, workdir)
-  if not write:
-    return
-  os.makedirs(workdir, exist_ok=True)
-  files.write_atomically(os.path.join(workdir, FILENAME),
-                         json.dumps(_to_plain(config), indent=2, sort_keys=True),
-                         prefix='.config.')
+  plain = _to_plain(config)
+  if resumed_from is not None:
+    plain['train']['init_from_hf'] = resumed_from.get('train', {}).get('init_from_hf', '')
+  return json.dumps(plain, indent=2, sort_keys=True)
+
+
+def write(directory, text):
+  """Writes a `record` to <directory>/config.json (temp + rename, the umask's mode)."""
+  os.makedirs(directory, exist_ok=True)
+  files.write_atomically(os.path.join(directory, FILENAME), text, prefix='.config.')
 
 
 def load(workdir):
-  """The ConfigDict saved in <workdir>/config.json."""
+  """The ConfigDict of <workdir>/config.json, or if there is none (deleted, or a run that has not
+  saved since) of the newest checkpoint step's record."""
   path = os.path.join(workdir, FILENAME)
-  if not os.path.exists(path):
+  plain = _read(path)
+  checkpoints = os.path.join(workdir, 'checkpoints')  # train/checkpoint.py's layout
+  steps = sorted((int(name) for name in os.listdir(checkpoints) if name.isdigit()),
+                 reverse=True) if plain is None and os.path.isdir(checkpoints) else []
+  for step in steps:
+    plain = _read(os.path.join(checkpoints, str(step), FILENAME))
+    if plain is not None:
+      break
+  if plain is None:
     raise FileNotFoundError(f'{path} does not exist: pass --config=configs/<the run>.py (runs '
                             'trained before the trainer wrote config.json have none)')
-  with open(path) as f:
-    try:
-      plain = json.load(f)
-    except json.JSONDecodeError as error:
-      raise ValueError(f'{path} is not valid JSON: {error}') from error
-  return ml_collections.ConfigDict(_from_plain(_upgrade(plain)))
+  return ml_collections.ConfigDict(_from_plain(plain))

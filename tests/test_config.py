@@ -110,10 +110,10 @@ def test_variant_argument_sets_meki_fields_and_rejects_unknown_keys():
 def test_every_paper_size_config_takes_the_flavor(name):
   module = importlib.import_module(f'configs.{name}')
   paper, release = module.get_config(), validate(module.get_config('flavor=authors_release'))
-  assert (paper.model.flavor, paper.model.qk_norm, paper.data.attention_per_document) == (
-      'paper', True, True)
-  assert (release.model.flavor, release.model.qk_norm, release.data.attention_per_document) == (
-      'authors_release', False, False)
+  assert (paper.model.flavor, paper.model.qk_norm, paper.data.packing) == (
+      'paper', True, 'documents')
+  assert (release.model.flavor, release.model.qk_norm, release.data.packing) == (
+      'authors_release', False, 'stream')
   assert release.data.mask_eod_input and paper.data.mask_eod_input  # every config, both flavors
   with pytest.raises(ConfigError, match="model.flavor='megatron' is not one of"):
     validate(module.get_config('flavor=megatron'))
@@ -135,6 +135,14 @@ def test_release_flavor_fails_naming_what_it_lacks(field, value, message):
   section, leaf = field.rsplit('.', 1)
   (config.model if section == 'model' else config.model.meki)[leaf] = value
   with pytest.raises(ConfigError, match=message):
+    validate(config)
+
+
+def test_an_unknown_packing_is_named():
+  config = base.get_config()
+  config.data.packing = 'megatron'
+  with pytest.raises(ConfigError, match=r"data.packing='megatron' is not one of "
+                     r"\('documents', 'stream'\)"):
     validate(config)
 
 

@@ -35,11 +35,16 @@ def test_existing_file_is_kept_without_overwrite(folded, tmp_path):
   _, tables = host_memory.split_folded_tables(folded[1])
   path = tmp_path / 'tables.npy'
   host_memory.write_host_memory(tables, path)
-  with pytest.raises(FileExistsError, match='pass overwrite=True'):
+  with pytest.raises(FileExistsError, match='pass --overwrite'):
     host_memory.write_host_memory(tables * 2, path)
   np.testing.assert_array_equal(host_memory.open_host_memory(path).table[:, 0], tables[0])
   host_memory.write_host_memory(tables * 2, path, overwrite=True)
   np.testing.assert_array_equal(host_memory.open_host_memory(path).table[:, 0], tables[0] * 2)
+  (tmp_path / 'user.npy').write_text('a file of the user')  # not an array: never replaced
+  with pytest.raises(FileExistsError, match='user.npy exists and is not a host-memory table'):
+    host_memory.write_host_memory(tables, tmp_path / 'user.npy', overwrite=True)
+  assert (tmp_path / 'user.npy').read_text() == 'a file of the user'
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['tables.npy', 'user.npy']
 
 
 class _ReadLog(host_memory.HostMemory):

@@ -15,16 +15,20 @@ program's matmuls, recomputation included, every loop multiplied out
 Runs beside other processes that hold libtpu (an AOT compile opens no chip).
 """
 
-import json
-import os
+from meki_jax import cli
+
+cli.start(__name__)  # before jax is imported: Ctrl-C is one line from here on
+
+import json  # noqa: E402
+import os  # noqa: E402
 
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')  # before anything loads libtpu
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # compile for the topology, not a local chip
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
-from meki_jax.train.aot import compile_train_step, parse_topology
+from meki_jax.train.aot import compile_train_step, parse_topology  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A config file (configs/*.py[:arg]).',
                                           lock_config=True)
@@ -64,4 +68,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flag_as_required('config')
-  app.run(main)
+  cli.run_absl(main)

@@ -20,10 +20,14 @@ branch reads (L x d_mem values), and everything a step reads (weights, rows, KV 
 ratio to dense is what a purely memory-bound device would show.
 """
 
-import json
-import os
-import tempfile
-import time
+from meki_jax import cli
+
+cli.start(__name__)  # before jax is imported: Ctrl-C is one line from here on
+
+import json  # noqa: E402
+import os  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
@@ -31,7 +35,7 @@ import flax.linen as nn  # noqa: E402  (after the platform is chosen)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from meki_jax import decode, fold, host_memory  # noqa: E402
@@ -191,4 +195,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run_absl(main)

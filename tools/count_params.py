@@ -4,13 +4,17 @@ table, Engram's n-gram tables) and training-only parameters.
   python tools/count_params.py --config configs/meki_1p7b.py [--json]
 """
 
-import json
+from meki_jax import cli
 
-from absl import app, flags
-from ml_collections import config_flags
+cli.start(__name__)  # before jax is imported: Ctrl-C is one line from here on
 
-from meki_jax.config import validate_model
-from meki_jax.param_count import count_params
+import json  # noqa: E402
+
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from meki_jax.config import validate_model  # noqa: E402
+from meki_jax.param_count import count_params  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A config file (configs/*.py).',
                                           lock_config=True)
@@ -33,4 +37,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flag_as_required('config')
-  app.run(main)
+  cli.run_absl(main)

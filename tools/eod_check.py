@@ -8,17 +8,21 @@ where EOD is the greedy token, and the share of greedy continuations of each doc
 tokens (up to seq_len of them) that stop at EOD within --max_new_tokens.
 """
 
-import json
+from meki_jax import cli
 
-import jax
-from absl import app, flags, logging
+cli.start(__name__)  # before jax is imported: Ctrl-C is one line from here on
 
-from meki_jax import decode, run_config
-from meki_jax.config import validate
-from meki_jax.data.pipeline import make_eval_dataset
-from meki_jax.eval.end_of_document import end_of_document_report
-from meki_jax.eval.scoring import restore_params
-from meki_jax.model.transformer import build_model
+import json  # noqa: E402
+
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+
+from meki_jax import decode, run_config  # noqa: E402
+from meki_jax.config import validate  # noqa: E402
+from meki_jax.data.pipeline import make_eval_dataset  # noqa: E402
+from meki_jax.eval.end_of_document import end_of_document_report  # noqa: E402
+from meki_jax.eval.scoring import restore_params  # noqa: E402
+from meki_jax.model.transformer import build_model  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir (its latest checkpoint).',
                                required=True)
@@ -44,4 +48,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run_absl(main)

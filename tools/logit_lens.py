@@ -10,14 +10,18 @@ printed, and logit_lens.json and logit_lens.png are written to --out (default
 <workdir>/logit_lens).
 """
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from meki_jax import cli
 
-from meki_jax import run_config
-from meki_jax.config import validate
-from meki_jax.data.pipeline import make_eval_dataset
-from meki_jax.eval import logit_lens, scoring
-from meki_jax.export.exporter import checkpoint_step_dir
+cli.start(__name__)  # before jax is imported: Ctrl-C is one line from here on
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from meki_jax import run_config  # noqa: E402
+from meki_jax.config import validate  # noqa: E402
+from meki_jax.data.pipeline import make_eval_dataset  # noqa: E402
+from meki_jax.eval import logit_lens, scoring  # noqa: E402
+from meki_jax.export.exporter import checkpoint_step_dir  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'The run\'s config (configs/*.py[:arg]); '
                                           'default: <workdir>/config.json.', lock_config=True)
@@ -49,4 +53,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['workdir'])
-  app.run(main)
+  cli.run_absl(main)

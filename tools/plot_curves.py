@@ -7,10 +7,13 @@ Reads each workdir's metrics.jsonl (a resumed run may log a step twice: the last
 prints the final value of every run and writes the plot.
 """
 
-import argparse
-import os
+from meki_jax import cli
 
-import matplotlib
+cli.start(__name__)  # Ctrl-C is one line from here on
+
+import os  # noqa: E402
+
+import matplotlib  # noqa: E402
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
@@ -36,7 +39,7 @@ def parse_run(argument):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser = cli.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('runs', nargs='+', help='workdirs, optionally label=DIR')
   parser.add_argument('--out', required=True, help='PNG file to write')
   parser.add_argument('--metric', default='eval_loss')
@@ -62,4 +65,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(main)

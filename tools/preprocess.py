@@ -11,12 +11,15 @@ Formats come from the file names (--format overrides): .jsonl/.json/.ndjson (opt
 --config.data.train_sources='({"path": "data/fineweb-edu/*.array_record", "weight": 1.0},)'.
 """
 
-import os
-
-from absl import app, flags
-
 from meki_jax import cli
-from meki_jax.data import preprocess, sources
+
+cli.start(__name__)  # before anything else is imported: Ctrl-C is one line from here on
+
+import os  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+
+from meki_jax.data import preprocess, sources  # noqa: E402
 
 _INPUT = flags.DEFINE_multi_string('input', None, 'Input files (globs); repeat for more.')
 _OUTPUT = flags.DEFINE_string('output', None, 'The shard directory to create.')
@@ -37,14 +40,13 @@ _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing --output
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  summary = cli.report_errors(lambda: preprocess.preprocess(
+  print(preprocess.preprocess(
       _INPUT.value, _OUTPUT.value, tokenizer=_TOKENIZER.value, input_format=_FORMAT.value,
       text_field=_TEXT_FIELD.value, text_split=_TEXT_SPLIT.value,
       shard_documents=_SHARD_DOCUMENTS.value, num_workers=_NUM_WORKERS.value,
-      overwrite=_OVERWRITE.value), (ValueError, OSError, RuntimeError))
-  print(summary)
+      overwrite=_OVERWRITE.value))
 
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['input', 'output'])
-  app.run(main)
+  cli.run_absl(main)

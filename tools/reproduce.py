@@ -11,20 +11,31 @@ interrupted reproduction continues where it stopped. `--flavor=authors_release` 
 variant as the network of the authors' released code (spec section 6a); use its own --out.
 """
 
-import argparse
-import os
-import subprocess
-import sys
-import time
+from meki_jax import cli
 
-from configs import repro
-from meki_jax.param_count import count_params
-from meki_jax.train.metrics import read_metrics
+cli.start(__name__)  # Ctrl-C is one line from here on
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+from configs import repro  # noqa: E402
+from meki_jax.param_count import count_params  # noqa: E402
+from meki_jax.train.errors import RunError  # noqa: E402
+from meki_jax.train.metrics import read_metrics  # noqa: E402
 
 
 def variant_arg(variant, flavor):
   """The configs/repro.py argument of a variant under a model flavor."""
   return variant if flavor == 'paper' else f'{variant},flavor={flavor}'
+
+
+def _run(command):
+  """Runs a command line of ours; RunError if it fails (it has said why on stderr)."""
+  status = subprocess.run(command, check=False).returncode
+  if status:
+    raise RunError(f'{" ".join(command[1:])} ended with status {status} (its error is above)')
 
 
 def train_variant(variant, workdir, steps, eval_every):
@@ -33,14 +44,14 @@ def train_variant(variant, workdir, steps, eval_every):
     if any(r.get('step') == steps and 'eval_loss' in r for r in read_metrics(workdir)):
       return 0.0
   start = time.perf_counter()
-  subprocess.run([sys.executable, '-m', 'meki_jax.train', f'--config=configs/repro.py:{variant}',
-                  f'--workdir={workdir}', f'--config.train.num_steps={steps}',
-                  f'--config.train.eval_every={eval_every}'], check=True)
+  _run([sys.executable, '-m', 'meki_jax.train', f'--config=configs/repro.py:{variant}',
+        f'--workdir={workdir}', f'--config.train.num_steps={steps}',
+        f'--config.train.eval_every={eval_every}'])
   return (time.perf_counter() - start) / 60
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser = cli.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--out', default='runs/repro')
   parser.add_argument('--variants', default=','.join(repro.VARIANTS))
   parser.add_argument('--steps', type=int, default=repro.get_config().train.num_steps)
@@ -68,12 +79,11 @@ def main():
     print(f"| {variant} | {counts['ram_params'] / 1e6:.2f}M | {counts['rom_params'] / 1e6:.2f}M "
           f"| {counts['train_total_params'] / 1e6:.2f}M | {evals[min(evals)]:.4f} -> "
           f"{finals[variant]:.4f} | {delta} | {f'{minutes:.1f}' if minutes else 'earlier'} |")
-  subprocess.run([sys.executable, 'tools/plot_curves.py',
-                  *[f'{v}={os.path.join(args.out, v)}' for v in variants],
-                  '--out', os.path.join(args.out, 'eval_loss.png'),
-                  '--title', f'validation loss ({args.flavor}), {tokens:,} tokens per run'],
-                 check=True)
+  _run([sys.executable, 'tools/plot_curves.py',
+        *[f'{v}={os.path.join(args.out, v)}' for v in variants],
+        '--out', os.path.join(args.out, 'eval_loss.png'),
+        '--title', f'validation loss ({args.flavor}), {tokens:,} tokens per run'])
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(main)

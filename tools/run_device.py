@@ -5,24 +5,26 @@
   python tools/run_device.py ... --token_ids=9707,1879     # ids instead of text
 
 --memory is export_memory.py's directory (manifest, backbone, memory.zarr), --device is
-export_torch.py's (prefill.pt2, decode.pt2, model.pte, device.json). The tables are read by token
-id from memory.zarr before each call and fed to the program as its `memory_rows` input. Prints the
-generated token ids and, with the manifest's tokenizer, the text. Before anything runs, the
-bundle is checked: device.json must name --memory's manifest.json (its sha256) and the programs
-of --runtime must have the size and sha256 it records; otherwise it exits naming the file. Imports torch, tensorstore and
-(for --runtime=pte) executorch; not jax.
+export_torch.py's (model.pte, prefill.pt2, decode.pt2, device.json). The KV cache lives inside
+the programs; a token's table rows are read by id from memory.zarr before each call and passed
+in (the programs dequantize int8/int4 tables). Prints the generated token ids and, with the
+manifest's tokenizer, the text. Before anything runs, the bundle is checked
+(device_runtime.read_device_export): device.json must be unedited, name --memory's manifest.json
+(its sha256) and its table scheme, and every program must have the size and sha256 it records;
+otherwise it exits naming the file. Imports torch, tensorstore and executorch; not jax.
 """
 
-import argparse
-import sys
+from meki_jax import cli
 
-from meki_jax.extras import require_extra
+cli.start(__name__)  # before torch is imported: Ctrl-C is one line from here on
+
+from meki_jax.extras import require_extra  # noqa: E402
 
 require_extra('device', 'torch')
 import torch  # noqa: E402  (after the check for it)
 from tqdm import tqdm  # noqa: E402
 
-from meki_jax.export import memory_store, to_device  # noqa: E402
+from meki_jax.export import device_runtime, memory_store, to_device  # noqa: E402
 
 PROGRESS_MIN_TOKENS = 8  # a progress bar for longer generations
 
@@ -31,7 +33,7 @@ def generate(session, prompt_ids, max_new_tokens, eod_id):
   """Greedy continuation of prompt_ids (a list) until eod_id or max_new_tokens; a list of ids."""
   prompt = torch.tensor([prompt_ids])
   if len(prompt_ids) >= to_device.MIN_PREFILL:
-    logits = session.prefill(prompt)[:, -1]
+    logits = session.prefill(prompt)[:, -1]  # [1, vocab]
   else:
     logits = session.decode(prompt[:, 0])
   new_ids = []
@@ -50,7 +52,7 @@ def generate(session, prompt_ids, max_new_tokens, eod_id):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--memory', required=True, help="export_memory.py's directory")
   parser.add_argument('--device', required=True, help="export_torch.py's directory")
   parser.add_argument('--prompt', help='prompt text (tokenised with the manifest\'s tokenizer)')
@@ -61,11 +63,9 @@ def main():
   if (args.prompt is None) == (args.token_ids is None):
     parser.error('pass exactly one of --prompt and --token_ids')
 
-  try:  # the bundle first: programs of another export, or damaged, are refused
-    device, prefill, decode = to_device.device_runners(args.device, args.memory, args.runtime)
-  except memory_store.ExportError as error:
-    sys.exit(f'error: {error}')
-  model, memory, manifest = to_device.load_export(args.memory)
+  # the bundle first: programs of another export, or damaged, are refused
+  device, prefill, decode = device_runtime.device_runners(args.device, args.memory, args.runtime)
+  manifest, memory = memory_store.open_export(args.memory)
   vocabulary = manifest.get('vocabulary') or {}
   tokenizer = None
   if vocabulary.get('tokenizer'):
@@ -86,7 +86,7 @@ def main():
     parser.error(f'{len(prompt_ids)} prompt + {args.max_new_tokens} new tokens exceed the '
                  f'programs\' cache_len={device["cache_len"]}')
 
-  session = to_device.Session(model.config, memory, prefill, decode, device['cache_len'])
+  session = device_runtime.Session(memory, prefill, decode, device['cache_len'])
   new_ids = generate(session, prompt_ids, args.max_new_tokens, vocabulary.get('eod_id'))
   print('ids:', ','.join(map(str, new_ids)))
   if tokenizer is not None:
@@ -94,4 +94,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(main)

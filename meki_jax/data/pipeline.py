@@ -1,25 +1,18 @@
 """The grain pipeline: token shards -> shuffled, packed, per-process batches.
 
-Each document [t1 .. tn, EOD] becomes the pairs inputs [t1 .. tn] -> targets [t2 .. tn, EOD],
-so no (input, target) pair ever spans two documents. Documents are concatenated and split
-into rows of exactly `seq_len` (grain's ConcatThenSplitIterDataset): `segment_ids` number the
-documents in a row from 1 (0 = padding), `positions` restart at 0 for each document, and a
-document longer than the room left in a row continues in the next row as a new segment that
-starts again at position 0. No token is dropped: the infinite training stream fills every row,
-and the finite evaluation stream pads its unfinished last row and batch (its documented tail).
-Mixture weights (data.train_sources' `weight`) are shares of documents, not of tokens.
+Documents are shuffled (reshuffled every epoch), mixed (data.train_sources' `weight`s are shares
+of documents, not of tokens) and split between processes, then turned into (input, target)
+pairs and packed into rows of exactly `seq_len` (grain's ConcatThenSplitIterDataset) as
+`data.packing` says (packing.py: 'documents', one segment per document with positions reset, or
+'stream', megatron-core's windows of the concatenated token stream). No token is dropped: the
+infinite training stream fills every row, and the finite evaluation stream pads its unfinished
+last row and batch (its documented tail).
 
 Batches are dicts of numpy arrays [per_process_batch, seq_len]:
   inputs, targets (int32), segment_ids, positions (int32), loss_mask (float32).
-loss_mask is 0 on padding and, with data.mask_eod_input (Megatron's --eod-mask-loss, spec
-section 6), where the INPUT is the end-of-document token. The EOD that ends a document is a
-target (the model learns to end a document) and never an input, so the pair "EOD -> the next
-document's first token" that --eod-mask-loss removes is never formed; the switch masks the EOD
-tokens that occur inside a document (e.g. a Megatron corpus whose documents hold several).
-With data.attention_per_document=False (the authors' released code, spec section 6a point 6)
-segment_ids are 1 on every token of a row (0 on padding), so attention is causal across the
-documents of a row while positions still restart per document.
 """
+
+import functools
 
 import grain
 import grain.experimental
@@ -27,6 +20,7 @@ import numpy as np
 from absl import flags
 
 from meki_jax.data.embedded import EMBEDDED_PREFIX, embedded_shards
+from meki_jax.data.packing import document_pairs, make_batch, stream_pairs
 from meki_jax.data.shards import decode_record, resolve_shards
 from meki_jax.data.tokenizer import load_tokenizer
 
@@ -95,10 +89,6 @@ def _open_source(source, data_config, split):
   return _Documents(paths, train if split == 'train' else held_out)
 
 
-def _to_pairs(token_ids):
-  return {'inputs': token_ids[:-1], 'targets': token_ids[1:]}
-
-
 def _pad_rows(packed, batch_size):
   """Pads a short last batch with all-padding rows (segment id 0) up to `batch_size`."""
   missing = batch_size - len(packed['inputs'])
@@ -108,20 +98,6 @@ def _pad_rows(packed, batch_size):
           for key, value in packed.items()}
 
 
-def _make_batch(packed, eod_id, mask_eod_input, attention_per_document):
-  segment_ids = packed['inputs_segment_ids']
-  loss_mask = segment_ids > 0
-  if mask_eod_input:
-    loss_mask &= packed['inputs'] != eod_id
-  if not attention_per_document:
-    segment_ids = (segment_ids > 0).astype(segment_ids.dtype)  # one segment per row
-  return {'inputs': packed['inputs'].astype(np.int32),
-          'targets': packed['targets'].astype(np.int32),
-          'segment_ids': segment_ids.astype(np.int32),
-          'positions': packed['inputs_positions'].astype(np.int32),
-          'loss_mask': loss_mask.astype(np.float32)}
-
-
 def _per_process_batch(global_batch_size, process_count):
   if global_batch_size % process_count:
     raise ValueError(f'train.global_batch_size={global_batch_size} is not divisible by the '
@@ -129,15 +105,54 @@ def _per_process_batch(global_batch_size, process_count):
   return global_batch_size // process_count
 
 
+def _to_pairs(documents, data_config):
+  """A MapDataset of documents (token ids) -> one of (input, target) pairs, per data.packing."""
+  if data_config.packing == 'stream':
+    pairs = functools.partial(stream_pairs, eod_id=int(data_config.eod_id))
+    return documents.map_with_index(pairs).filter(lambda pair: len(pair['inputs']) > 0)
+  return documents.filter(lambda token_ids: len(token_ids) >= 2).map(document_pairs)
+
+
+class _RestorablePacking(grain.IterDataset):
+  """grain's ConcatThenSplitIterDataset whose iterator restores the states of grain's JSON
+  checkpoints exactly.
+
+  grain 0.2.18's iterator tells "no partly packed document" by comparing each of its state's
+  `remainder_slices` with the tuple (-1, -1); a checkpoint stores the state as JSON, which
+  returns the list [-1, -1], read back as a remainder of no tokens: the restored iterator skipped
+  the next document (at 5 of the first 80 rows of tests/data's corpus). The slices are turned
+  back into tuples before grain sees them.
+  """
+
+  def __init__(self, parent, length_struct):
+    super().__init__(grain.experimental.ConcatThenSplitIterDataset(
+        parent, length_struct=length_struct))
+
+  def __iter__(self):
+    return _RestorablePackingIterator(self._parent.__iter__())
+
+
+class _RestorablePackingIterator(grain.DatasetIterator):
+
+  def __next__(self):
+    return next(self._parent)
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    slices = {key: tuple(value) for key, value in state['remainder_slices'].items()}
+    self._parent.set_state({**state, 'remainder_slices': slices})
+
+
 def _pack_and_batch(documents, data_config, batch_size, drop_remainder):
-  documents = documents.filter(lambda token_ids: len(token_ids) >= 2).map(_to_pairs)
   seq_len = data_config.seq_len
-  packed = grain.experimental.ConcatThenSplitIterDataset(
-      documents.to_iter_dataset(), length_struct={'inputs': seq_len, 'targets': seq_len})
+  packed = _RestorablePacking(_to_pairs(documents, data_config).to_iter_dataset(),
+                              length_struct={'inputs': seq_len, 'targets': seq_len})
   batches = packed.batch(batch_size, drop_remainder=drop_remainder)
-  switches = (int(data_config.eod_id), bool(data_config.mask_eod_input),
-              bool(data_config.attention_per_document))
-  return batches.map(lambda b: _make_batch(_pad_rows(b, batch_size), *switches))
+  switches = dict(eod_id=int(data_config.eod_id), mask_eod_input=bool(data_config.mask_eod_input),
+                  packing=data_config.packing)
+  return batches.map(lambda b: make_batch(_pad_rows(b, batch_size), **switches))
 
 
 def make_train_dataset(data_config, *, global_batch_size, process_index=0, process_count=1,
@@ -146,7 +161,8 @@ def make_train_dataset(data_config, *, global_batch_size, process_index=0, proce
 
   Every epoch is a fresh seeded shuffle of all training documents; process p of P takes
   documents p, p + P, ... of the (mixed) shuffled stream, so the processes' data are disjoint
-  and together cover everything.
+  and together cover everything. Under data.packing='stream' each process cuts its rows from
+  the stream of its own documents.
   """
   seed = data_config.shuffle_seed if seed is None else seed
   split = None if data_config.eval_sources else 'train'

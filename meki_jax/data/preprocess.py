@@ -6,7 +6,10 @@ each piece into one shard `output/shard-NNNNN-of-MMMMM.array_record`: a record p
 token ids followed by the end-of-document id (Megatron documents keep theirs, or get one). Empty
 documents are skipped. The shards go to a temporary directory that is renamed to `output` once
 all are written, so an interrupted run leaves no partial output; an existing `output` is
-replaced only with overwrite=True. Shard order and contents do not depend on the worker count.
+replaced only with overwrite=True, and only if it is a shard directory of ours (its
+summary.json says so: SHARDS) that holds none of the inputs (files.replacing). Shard order and
+contents do not depend on the worker count. Worker processes ignore Ctrl-C: the program's own
+handler stops them (meki_jax/interrupt.py).
 """
 
 import dataclasses
@@ -15,19 +18,20 @@ import glob
 import json
 import multiprocessing
 import os
-import pathlib
-import shutil
+import signal
 import sys
 import time
 
 import numpy as np
 from tqdm import tqdm
 
+from meki_jax import files
 from meki_jax.data import megatron, sources
 from meki_jax.data.shards import SUFFIX, ShardWriter
 from meki_jax.data.tokenizer import load_tokenizer
 
 SUMMARY_FILE = 'summary.json'
+SHARDS = files.Kind('token-shard directory', manifest=SUMMARY_FILE, format='meki-shards')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,25 +197,11 @@ def _convert_all(pieces, directory, convert, num_workers, progress):
   tasks = [(piece, str(directory / shard_name(index, len(pieces))))
            for index, piece in enumerate(pieces)]
   if num_workers > 1 and len(tasks) > 1:
-    with multiprocessing.get_context('spawn').Pool(min(num_workers, len(tasks))) as pool:
+    with multiprocessing.get_context('spawn').Pool(
+        min(num_workers, len(tasks)), initializer=signal.signal,
+        initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
       return _collect(pool.imap_unordered(convert, tasks), len(tasks), progress)
   return _collect(map(convert, tasks), len(tasks), progress)
-
-
-def _publish(directory, output, overwrite):
-  """Renames the finished `directory` to `output`, replacing an existing one if `overwrite`."""
-  if not output.exists():
-    os.replace(directory, output)
-    return
-  if not overwrite:
-    raise FileExistsError(f'{output} exists; pass --overwrite to replace it')
-  old = output.with_name(f'{output.name}.old-{os.getpid()}')
-  os.replace(output, old)
-  os.replace(directory, output)
-  if old.is_dir():
-    shutil.rmtree(old)
-  else:
-    old.unlink()
 
 
 def preprocess(inputs, output, *, tokenizer='qwen3', input_format='auto', text_field='text',
@@ -222,31 +212,23 @@ def preprocess(inputs, output, *, tokenizer='qwen3', input_format='auto', text_f
   Writes `output/summary.json` (counts, tokenizer, end-of-document id, inputs) beside the shards;
   train on them with data.train_sources=[dict(path='<output>/*.array_record')].
   """
-  output = pathlib.Path(output)
-  if output.exists() and not overwrite:
-    raise FileExistsError(f'{output} exists; pass --overwrite to replace it')
   if shard_documents < 1:
     raise ValueError(f'shard_documents={shard_documents} must be >= 1')
   start = time.perf_counter()
-  eod_id = _tokenizer(tokenizer).eod_id  # fails early on a bad tokenizer name
   paths = expand_inputs(inputs)
+  files.check_output(output, SHARDS, overwrite=overwrite, sources=paths)  # before any work
+  eod_id = _tokenizer(tokenizer).eod_id  # fails early on a bad tokenizer name
   pieces = plan_pieces(paths, input_format=input_format, text_field=text_field,
                        text_split=text_split, shard_documents=shard_documents)
   if not pieces:
     raise ValueError(f'inputs {list(inputs)} hold no documents')
-  output.parent.mkdir(parents=True, exist_ok=True)
-  directory = output.with_name(f'{output.name}.tmp-{os.getpid()}')
-  directory.mkdir()
-  try:
+  with files.replacing(output, SHARDS, overwrite=overwrite, sources=paths) as directory:
     convert = functools.partial(convert_piece, tokenizer_name=tokenizer, text_field=text_field,
                                 text_split=text_split)
     counts = _convert_all(pieces, directory, convert, num_workers, progress)
     summary = Summary(str(output), len(pieces), counts.documents, counts.tokens, counts.skipped,
                       time.perf_counter() - start)
-    record = dict(dataclasses.asdict(summary), tokenizer=tokenizer, eod_id=eod_id, inputs=paths)
+    record = dict(dataclasses.asdict(summary), format=SHARDS.format, tokenizer=tokenizer,
+                  eod_id=eod_id, inputs=paths)
     (directory / SUMMARY_FILE).write_text(json.dumps(record, indent=1) + '\n')
-    _publish(directory, output, overwrite)
-  except BaseException:
-    shutil.rmtree(directory, ignore_errors=True)
-    raise
   return summary

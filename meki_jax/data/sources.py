@@ -11,6 +11,8 @@ import gzip
 import io
 import json
 import re
+import sys
+import zlib
 
 FORMATS = ('jsonl', 'parquet', 'text', 'megatron')
 TEXT_SPLITS = ('file', 'blank_lines')
@@ -41,8 +43,8 @@ def _open_text(path):
     try:
       import zstandard
     except ModuleNotFoundError as error:
-      raise RuntimeError(f'{path}: reading .zst files needs the zstandard package '
-                         '(pip install zstandard)') from error
+      raise ValueError(f'{path}: reading .zst files needs the zstandard package '
+                       '(pip install zstandard)') from error
     return io.TextIOWrapper(zstandard.open(path, 'rb'), encoding='utf-8')
   return open(path, encoding='utf-8')
 
@@ -51,17 +53,33 @@ def _undecodable(path, error):
   return ValueError(f'{path} is not UTF-8 text ({error})')
 
 
+def _read_errors():
+  """What reading a damaged file raises: a truncated or corrupt .gz or .zst, an I/O error."""
+  zstandard = sys.modules.get('zstandard')
+  return (EOFError, OSError, zlib.error) + ((zstandard.ZstdError,) if zstandard else ())
+
+
+def _damaged(path, error, line_number=None):
+  after = f' after line {line_number}' if line_number else ''
+  return ValueError(f'{path}: unreadable{after} ({type(error).__name__}: {error}); is the file '
+                    'truncated or corrupt?')
+
+
 def read_jsonl(path, text_field):
   """Yields the `text_field` string of every record (line) of a JSON-lines file."""
+  position = [0]  # the last line read, for the message about a damaged file
   try:
-    yield from _read_jsonl(path, text_field)
+    yield from _read_jsonl(path, text_field, position)
   except UnicodeDecodeError as error:
     raise _undecodable(path, error) from error
+  except _read_errors() as error:
+    raise _damaged(path, error, position[0]) from error
 
 
-def _read_jsonl(path, text_field):
+def _read_jsonl(path, text_field, position):
   with _open_text(path) as lines:
     for line_number, line in enumerate(lines, 1):
+      position[0] = line_number
       if not line.strip():
         continue
       try:
@@ -115,6 +133,8 @@ def read_text(paths, split):
         text = stream.read()
     except UnicodeDecodeError as error:
       raise _undecodable(path, error) from error
+    except _read_errors() as error:
+      raise _damaged(path, error) from error
     if split == 'file':
       yield text
     else:

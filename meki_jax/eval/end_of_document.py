@@ -2,7 +2,9 @@
 and greedy continuations of their last tokens that stop at EOD.
 
 Batches are those of `data.pipeline.make_eval_dataset`: a document's end is a position t whose
-target is EOD; its prompt is the document's tokens in that row up to t (its segment).
+target is EOD; its prompt is the document's tokens in that row up to t: from its segment's
+start (data.packing='documents') or from the input after the row's last EOD before t ('stream',
+whose rows hold the previous documents and their EODs too).
 """
 
 import jax
@@ -13,10 +15,13 @@ from meki_jax import decode
 
 def document_ends(batch, eod_id):
   """[(row, start, t)] of the packed `batch`: targets[row, t] == EOD (a real pair), the
-  document's segment in that row starting at `start`."""
+  document's tokens in that row starting at `start`: where its positions restart, or after an
+  EOD input, whichever is later."""
   ends = []
   for row, t in zip(*np.nonzero((batch['targets'] == eod_id) & (batch['segment_ids'] > 0))):
-    start = t - int(batch['positions'][row, t])
+    eod_inputs = np.flatnonzero(batch['inputs'][row, :t] == eod_id)
+    start = max(t - int(batch['positions'][row, t]),
+                int(eod_inputs[-1]) + 1 if eod_inputs.size else 0)
     ends.append((int(row), int(start), int(t)))
   return ends
 

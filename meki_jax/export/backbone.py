@@ -21,7 +21,8 @@ from typing import Callable, NamedTuple
 import numpy as np
 from safetensors import safe_open
 
-from meki_jax.export.memory_store import DTYPES, ExportError
+from meki_jax.export.memory_store import ExportError
+from meki_jax.export.table_quant import FLOAT_DTYPES
 
 FORMAT = 'meki-backbone'
 SAFETENSORS_DTYPES = {'float32': 'F32', 'float16': 'F16', 'bfloat16': 'BF16'}
@@ -163,10 +164,10 @@ class StreamingWriter:
   """
 
   def __init__(self, path, config, dtype):
-    if dtype not in DTYPES:
-      raise ValueError(f'backbone dtype={dtype!r} is not one of {tuple(DTYPES)}')
+    if dtype not in FLOAT_DTYPES:
+      raise ValueError(f'backbone dtype={dtype!r} is not one of {tuple(FLOAT_DTYPES)}')
     self.path = pathlib.Path(path)
-    self.dtype = DTYPES[dtype]
+    self.dtype = FLOAT_DTYPES[dtype]
     self.shapes = tensor_shapes(config)
     header, offset = {}, 0
     for name in sorted(self.shapes):

@@ -19,7 +19,9 @@ leaves under 'layers' carry a leading [num_layers] axis.
 import itertools
 import json
 import math
+import os
 import pathlib
+import sys
 
 import numpy as np
 import tensorstore as ts
@@ -27,27 +29,40 @@ import tensorstore as ts
 from meki_jax.train import checksums
 
 
+def workdir_of(path):
+  """The training workdir of a step directory (<workdir>/checkpoints/<step>), else `path`."""
+  path = pathlib.Path(path).absolute()
+  if path.name.isdigit() and path.parent.name == 'checkpoints':
+    return path.parent.parent
+  return path
+
+
 def checkpoint_step_dir(path):
-  """A step directory: `path` itself (<workdir>/checkpoints/<step>) or a workdir's latest.
+  """A verified step directory: `path` itself (<workdir>/checkpoints/<step>) or a workdir's newest
+  intact step.
 
   The step's files are checked against its checksum manifest (train/checksums.py) before
-  anything is read: a damaged or unverifiable step is refused, naming the file.
+  anything is read. A damaged step named by `path` is refused; from a workdir, damaged newer
+  steps are named on stderr and skipped, the rule of the trainer and of `generate`
+  (checksums.newest_intact).
   """
   path = pathlib.Path(path).absolute()
   if path.name.isdigit() and (path / 'state').is_dir():
-    step_dir = path
-  else:
-    steps = sorted((int(p.name) for p in (path / 'checkpoints').glob('*')
-                    if p.name.isdigit() and (p / 'state').is_dir()), reverse=True)
-    if not steps:
-      raise FileNotFoundError(f'{path} is neither a checkpoint step directory '
-                              '(<workdir>/checkpoints/<step>) nor a workdir with checkpoints')
-    step_dir = path / 'checkpoints' / str(steps[0])
-  problem = checksums.verify(str(step_dir))
-  if problem:
-    raise ValueError(f'checkpoint {step_dir} does not verify against its checksum manifest: '
-                     f'{problem}')
-  return step_dir
+    problem = checksums.verify(str(path))
+    if problem:
+      raise ValueError(f'checkpoint {path} does not verify against its checksum manifest: '
+                       f'{problem}')
+    return path
+  directory = path / 'checkpoints'
+  steps = [int(p.name) for p in directory.glob('*') if p.name.isdigit() and (p / 'state').is_dir()]
+  if not steps:
+    raise FileNotFoundError(f'{path} is neither a checkpoint step directory '
+                            '(<workdir>/checkpoints/<step>) nor a workdir with checkpoints')
+  step, damaged = checksums.newest_intact(
+      str(directory), steps, lambda parent, step: checksums.verify(os.path.join(parent, str(step))))
+  for line in checksums.skipped(damaged):
+    print(line, file=sys.stderr, flush=True)
+  return directory / str(step)
 
 
 class CheckpointParams:

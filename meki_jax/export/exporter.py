@@ -23,10 +23,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from meki_jax import fold
-from meki_jax.export import backbone, memory_store
+from meki_jax import files, fold
+from meki_jax.export import backbone, memory_store, table_quant
 from meki_jax.export.checkpoint_reader import (CheckpointParams, TreeParams, checkpoint_step_dir,
-                                               read_blocks, subtree)
+                                               read_blocks, subtree, workdir_of)
 from meki_jax.model.transformer import build_model, meki_enabled
 
 MEMORY = ('layers', 'meki', 'memory')  # the fold's inputs below params/ ...
@@ -179,9 +179,12 @@ def export_checkpoint(step_dir, model_config, out, **kwargs):
 
   Peak memory: the fold's small parameters of all layers, one vocabulary shard of M, E and M~,
   and one backbone read (`read_bytes`, or one stored chunk if larger). kwargs: those of
-  `export_folded`, plus `read_bytes`;
-  `source` defaults to {'checkpoint', 'step'} of the step directory.
+  `export_folded`, plus `read_bytes`; `source` defaults to {'checkpoint', 'step'} of the step
+  directory, `sources` (what `out` must stay clear of, files.check_output) to its workdir.
   """
+  kwargs.setdefault('sources', (workdir_of(step_dir),))
+  files.check_output(out, memory_store.EXPORT, overwrite=kwargs.get('overwrite', False),
+                     sources=kwargs['sources'])  # before the checkpoint is verified and read
   params = CheckpointParams(step_dir)
   kwargs.setdefault('source', {'checkpoint': str(params.step_dir), 'step': params.step})
   return _export(params, model_config, out, **kwargs)
@@ -190,8 +193,11 @@ def export_checkpoint(step_dir, model_config, out, **kwargs):
 def export_folded(params, model_config, out, **kwargs):
   """Writes the export directory `out` from training params (unboxed numpy, scanned layout).
 
-  dtype: the tables' (float32 | bfloat16 | float16); backbone_dtype: the safetensors'.
+  dtype: the tables' storage scheme (export/table_quant.py: float32 | bfloat16 | float16 |
+  int8 | int4, int4 in groups of `table_group_size` values); backbone_dtype: the safetensors'.
   source: {'checkpoint', 'step'}; vocabulary: see `vocabulary_record` (default: size only).
+  overwrite: replace an existing export at `out`; sources: the directories the caller read,
+  which `out` must be clear of (files.check_output).
   With process_count > 1 every process calls this with the same `run_id` and its own
   process_index; process 0 returns after the last one has written its slice.
   Returns the manifest (process 0) or None.
@@ -199,50 +205,56 @@ def export_folded(params, model_config, out, **kwargs):
   return _export(TreeParams(params), model_config, out, **kwargs)
 
 
-def _export(params, model_config, out, *, dtype='float16', backbone_dtype='float32',
-            rows_per_shard=fold.DEFAULT_CHUNK_ROWS, source=None, vocabulary=None,
-            overwrite=False, process_index=0, process_count=1, run_id=None,
+def _export(params, model_config, out, *, dtype='float16', table_group_size=32,
+            backbone_dtype='float32', rows_per_shard=fold.DEFAULT_CHUNK_ROWS, source=None,
+            vocabulary=None, overwrite=False, sources=(), process_index=0, process_count=1, run_id=None,
             timeout_seconds=24 * 3600, read_bytes=DEFAULT_READ_BYTES):
   for baseline in ('ple', 'engram'):
     if baseline in model_config and model_config[baseline].enabled:
       raise ValueError(f'model.{baseline}.enabled: the device graph (export/torch_model.py) has '
                        f'no {baseline} branch, so this model cannot be exported')
-  if dtype not in memory_store.DTYPES:
-    raise ValueError(f'dtype={dtype!r} is not one of {tuple(memory_store.DTYPES)}')
+  scheme = table_quant.TableScheme(dtype, table_group_size if dtype == 'int4' else 0)
+  if meki_enabled(model_config):
+    scheme.check_width(model_config.meki.d_mem)
+  if backbone_dtype not in table_quant.FLOAT_SCHEMES:
+    raise ValueError(f'backbone_dtype={backbone_dtype!r} is not one of '
+                     f'{table_quant.FLOAT_SCHEMES}')
   if process_count > 1 and not run_id:
     raise ValueError('process_count > 1 needs a run_id shared by all processes of the export')
   run_id = run_id or uuid.uuid4().hex
   config_dict = json.loads(json.dumps(model_config.to_dict()))  # as manifest.json reads back
-  temporary = memory_store.prepare_output(out, overwrite, process_count)
-  backbone_path = temporary / memory_store.BACKBONE
-  if process_index == 0:  # before the fold, whose freed heap the process may keep
-    write_backbone(params, backbone_path, config_dict, backbone_dtype, read_bytes)
+  with files.replacing(out, memory_store.EXPORT, overwrite=overwrite, sources=sources,
+                       shared=process_count > 1, publish=process_index == 0) as temporary:
+    backbone_path = temporary / memory_store.BACKBONE
+    if process_index == 0:  # before the fold, whose freed heap the process may keep
+      write_backbone(params, backbone_path, config_dict, backbone_dtype, read_bytes)
 
-  memory_entry = None
-  if meki_enabled(model_config):
-    shape = (model_config.vocab_size, model_config.num_layers, model_config.meki.d_mem)
-    writer = memory_store.TableWriter(temporary, shape, dtype, rows_per_shard)
-    memory = memory_params(params)
-    shards = memory_store.process_shards(len(writer.ranges), process_index, process_count)
-    for index in tqdm(shards, desc=f'fold M~ ({model_config.num_layers} layers)', unit='shard'):
-      writer.write_shard(index, fold_shard(params, model_config, *writer.ranges[index], memory))
-    del memory
-    memory_store.write_part(temporary, run_id, process_index, process_count, writer.finish())
-    if process_index == 0:
-      records = memory_store.collect_parts(temporary, run_id, process_count, timeout_seconds)
-      memory_entry = memory_store.memory_manifest(shape, dtype, rows_per_shard, records)
-  if process_index != 0:
-    return None
+    memory_entry = None
+    if meki_enabled(model_config):
+      shape = (model_config.vocab_size, model_config.num_layers, model_config.meki.d_mem)
+      writer = memory_store.TableWriter(temporary, shape, scheme, rows_per_shard)
+      memory = memory_params(params)
+      shards = memory_store.process_shards(len(writer.ranges), process_index, process_count)
+      for index in tqdm(shards, desc=f'fold M~ ({model_config.num_layers} layers)',
+                        unit='shard'):
+        writer.write_shard(index, fold_shard(params, model_config, *writer.ranges[index], memory))
+      del memory
+      memory_store.write_part(temporary, run_id, process_index, process_count, writer.finish())
+      if process_index == 0:
+        records = memory_store.collect_parts(temporary, run_id, process_count, timeout_seconds)
+        memory_entry = memory_store.memory_manifest(shape, scheme, rows_per_shard, records)
+    if process_index != 0:
+      return None
 
-  manifest = {
-      'format': memory_store.FORMAT, 'version': memory_store.FORMAT_VERSION,
-      'model_config': config_dict,
-      'source': source or {},
-      'vocabulary': vocabulary or {'size': model_config.vocab_size},
-      'memory': memory_entry,
-      'backbone': {'file': memory_store.BACKBONE, 'dtype': backbone_dtype,
-                   **memory_store.file_record(backbone_path)},
-  }
-  memory_store.write_manifest(temporary, manifest)
-  memory_store.publish(temporary, out, overwrite)
+    manifest = {
+        'format': memory_store.FORMAT, 'version': memory_store.FORMAT_VERSION,
+        'model_config': config_dict,
+        'source': source or {},
+        'vocabulary': vocabulary or {'size': model_config.vocab_size},
+        'memory': memory_entry,
+        'backbone': {'file': memory_store.BACKBONE, 'dtype': backbone_dtype,
+                     **memory_store.file_record(backbone_path)},
+    }
+    memory_store.remove_parts(temporary)
+    memory_store.write_manifest(temporary, manifest)
   return manifest

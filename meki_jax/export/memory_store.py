@@ -4,14 +4,18 @@
                         checkpoint, a sha256 and size per shard file and for the backbone
   config.json           the model config (config.model), for the PyTorch side
   backbone.safetensors  the RAM parameters (export/backbone.py)
-  memory.zarr/          M~ as one array [vocab, num_layers, d_mem], token-major (spec section 3)
+  memory.zarr/          M~ as one array [vocab, num_layers, width], token-major (spec section 3),
+                        stored under a scheme of export/table_quant.py (float32 | float16 |
+                        bfloat16: width = d_mem values; int8 | int4: width bytes of values and
+                        scales), recorded as the manifest's memory.scheme
 
 Each shard file (memory.zarr/c/<i>/0/0) holds `rows_per_shard` tokens; inside it every token is
-its own chunk [1, num_layers, d_mem] followed by a crc32c, so one token's rows for all layers are
-one contiguous read (MeKi-1.7B in fp16: 28 x 256 x 2 B = 14 KB) and a flipped bit in it fails
-that read. Writes go to a temporary directory renamed into place; several processes can each
-write their own vocabulary slice (whole shards) into it, and process 0 publishes the result.
-Imports numpy, tensorstore, json and hashlib only: the JAX exporter and the PyTorch side share it.
+its own chunk [1, num_layers, width] followed by a crc32c, so one token's rows for all layers are
+one contiguous read (MeKi-1.7B in fp16: 28 x 256 x 2 B = 14 KB; in int8 28 x 258 B = 7.1 KB)
+and a flipped bit in it fails that read. Writes go to a temporary directory renamed into place
+(files.replacing); several processes can each write their own vocabulary slice (whole shards)
+into it, and process 0 publishes the result. Imports numpy, tensorstore and the standard library
+only: the JAX exporter and the PyTorch side share it.
 """
 
 import collections
@@ -25,6 +29,9 @@ import time
 import numpy as np
 import tensorstore as ts
 
+from meki_jax import files
+from meki_jax.export.table_quant import SchemeError, TableScheme
+
 FORMAT = 'meki-export'
 FORMAT_VERSION = 1
 MANIFEST = 'manifest.json'
@@ -32,10 +39,9 @@ CONFIG = 'config.json'
 BACKBONE = 'backbone.safetensors'
 TABLES = 'memory.zarr'
 LAYOUT = 'token_major'  # axes [vocab, layers, d_mem]
-DTYPES = {'float32': np.dtype(np.float32), 'float16': np.dtype(np.float16),
-          'bfloat16': np.dtype(ts.bfloat16.numpy_dtype)}
 _PARTS = 'parts'  # per-process shard records inside the temporary directory
 DEFAULT_CACHE_BYTES = 16 << 20  # the readers' tensorstore cache
+EXPORT = files.Kind('memory export', manifest=MANIFEST, format=FORMAT)  # what --overwrite replaces
 
 
 class ExportError(ValueError):
@@ -69,6 +75,7 @@ def shard_file(index):
 
 
 def _table_spec(path, shape=None, dtype=None, rows_per_shard=None):
+  """The zarr3 spec of memory.zarr; `shape` is the stored [vocab, num_layers, width]."""
   spec = {'driver': 'zarr3', 'kvstore': {'driver': 'file', 'path': str(path)}}
   if shape is None:
     return spec
@@ -100,30 +107,32 @@ def file_record(path):
 class TableWriter:
   """Writes M~ shard by shard into `directory`/memory.zarr, overlapping I/O with the caller.
 
-  `write_shard(index, rows)` casts rows [shard rows, num_layers, d_mem] (any float dtype) to the
-  table dtype and starts the write; up to `max_in_flight` writes run while the caller folds the
-  next shard (each holds its shard's rows). tensorstore commits a shard file by write, fsync and
-  rename. `finish()` waits and returns the shards' file records.
+  `write_shard(index, rows)` encodes rows [shard rows, num_layers, d_mem] (float32) under the
+  table scheme (table_quant.TableScheme) and starts the write; up to `max_in_flight` writes run
+  while the caller folds the next shard (each holds its shard's rows). tensorstore commits a
+  shard file by write, fsync and rename. `finish()` waits and returns the shards' file records.
   """
 
-  def __init__(self, directory, shape, dtype, rows_per_shard, max_in_flight=2):
-    _require(dtype in DTYPES, f'dtype={dtype!r} is not one of {tuple(DTYPES)}')
+  def __init__(self, directory, shape, scheme, rows_per_shard, max_in_flight=2):
     self.directory = pathlib.Path(directory)
-    self.dtype = DTYPES[dtype]
+    self.scheme = scheme
+    self.d_mem = shape[2]
     self.ranges = shard_ranges(shape[0], rows_per_shard)
     self.max_in_flight = max_in_flight
+    stored = (shape[0], shape[1], scheme.stored_width(shape[2]))
     # Several processes may open the same new array: identical metadata opens, never clobbers.
-    self.store = ts.open(_table_spec(self.directory / TABLES, shape, dtype, rows_per_shard),
+    self.store = ts.open(_table_spec(self.directory / TABLES, stored,
+                                     scheme.storage_dtype.name, rows_per_shard),
                          create=True, open=True).result()
     self._pending = collections.deque()  # writes in flight, oldest first
     self._written = []
 
   def write_shard(self, index, rows):
     start, stop = self.ranges[index]
-    expected = (stop - start,) + tuple(self.store.shape[1:])
+    expected = (stop - start, self.store.shape[1], self.d_mem)
     _require(rows.shape == expected, f'shard {index}: rows have shape {rows.shape}, expected '
              f'{expected} (vocabulary rows [{start}, {stop}))')
-    rows = np.ascontiguousarray(rows, dtype=self.dtype)
+    rows = np.ascontiguousarray(self.scheme.encode(rows))
     while len(self._pending) >= self.max_in_flight:
       self._pending.popleft().result()
     self._pending.append(self.store[start:stop].write(
@@ -143,24 +152,6 @@ class TableWriter:
             for index in self._written}
 
 
-def temporary_directory(out):
-  """Where an export to `out` is assembled before it is renamed into place."""
-  out = pathlib.Path(out).absolute()
-  return out.parent / f'.{out.name}.partial'
-
-
-def prepare_output(out, overwrite, process_count=1):
-  """Checks `out` may be written and returns an empty (or, multi-process, shared) temp dir."""
-  out = pathlib.Path(out)
-  if out.exists() and not overwrite:
-    raise FileExistsError(f'{out} exists; pass --overwrite to replace it')
-  temporary = temporary_directory(out)
-  if process_count == 1 and temporary.exists():
-    shutil.rmtree(temporary)  # left by an interrupted export; only we write it
-  (temporary / _PARTS).mkdir(parents=True, exist_ok=True)
-  return temporary
-
-
 def _part_path(temporary, run_id, process_index, process_count):
   return temporary / _PARTS / f'{run_id}.{process_index}-of-{process_count}.json'
 
@@ -168,6 +159,7 @@ def _part_path(temporary, run_id, process_index, process_count):
 def write_part(temporary, run_id, process_index, process_count, shard_records):
   """Records that this process' shards are written (the signal process 0 waits for)."""
   path = _part_path(temporary, run_id, process_index, process_count)
+  path.parent.mkdir(exist_ok=True)
   _write_json(path, {str(index): record for index, record in shard_records.items()})
 
 
@@ -207,27 +199,19 @@ def write_manifest(temporary, manifest):
   _write_json(pathlib.Path(temporary) / MANIFEST, manifest)
 
 
-def publish(temporary, out, overwrite):
-  """Renames the finished export into place; an existing `out` is replaced only if `overwrite`."""
-  temporary, out = pathlib.Path(temporary), pathlib.Path(out)
-  shutil.rmtree(temporary / _PARTS, ignore_errors=True)
-  replaced = None
-  if out.exists():
-    if not overwrite:
-      raise FileExistsError(f'{out} exists; pass --overwrite to replace it')
-    replaced = out.parent / f'.{out.name}.replaced-{os.getpid()}'
-    os.rename(out, replaced)
-  os.rename(temporary, out)
-  if replaced is not None:
-    shutil.rmtree(replaced)
+def remove_parts(temporary):
+  """Removes the processes' shard records once process 0 has collected them."""
+  shutil.rmtree(pathlib.Path(temporary) / _PARTS, ignore_errors=True)
 
 
-def memory_manifest(shape, dtype, rows_per_shard, shard_records):
-  """The manifest's 'memory' entry: the table and its shard files, in vocabulary order."""
+def memory_manifest(shape, scheme, rows_per_shard, shard_records):
+  """The manifest's 'memory' entry: the table [vocab, layers, d_mem] (`shape`), its storage
+  scheme and dtype, and its shard files in vocabulary order."""
   num_shards = len(shard_ranges(shape[0], rows_per_shard))
   missing = sorted(set(range(num_shards)) - set(shard_records))
   _require(not missing, f'shards {missing} of {num_shards} were not written')
-  return {'path': TABLES, 'shape': list(shape), 'dtype': dtype, 'layout': LAYOUT,
+  return {'path': TABLES, 'shape': list(shape), 'scheme': scheme.record(),
+          'dtype': scheme.storage_dtype.name, 'layout': LAYOUT,
           'axes': ['vocab', 'layers', 'd_mem'], 'rows_per_shard': rows_per_shard,
           'shards': [shard_records[index] for index in range(num_shards)]}
 
@@ -268,24 +252,40 @@ def read_manifest(directory):
   return manifest
 
 
-class FoldedMemory:
-  """M~ of an export, opened read-only: `rows(token_ids)` -> [..., num_layers, d_mem].
+def table_scheme(entry):
+  """The TableScheme of a manifest's memory entry (manifests before schemes: its dtype)."""
+  try:
+    return TableScheme.from_record(entry.get('scheme', {'name': entry.get('dtype')}),
+                                   'manifest.json memory.scheme')
+  except SchemeError as error:
+    raise ExportError(str(error)) from None
 
-  The rows come back in the stored dtype. `cache_bytes` sizes tensorstore's cache, which keeps
-  the shards' indexes (16 B per token) and recently read tokens; the files are immutable, so
-  cached data is validated once, at open, not on every read (benchmarks/export_io.py: this
-  halves the warm gather latency).
+
+class FoldedMemory:
+  """M~ of an export, opened read-only.
+
+  `rows(token_ids)` -> the stored rows [..., num_layers, width] (table_quant); `program_inputs`
+  -> the programs' memory inputs; `dequantized` -> float32 [..., num_layers, d_mem].
+  `cache_bytes` sizes tensorstore's cache, which keeps the shards' indexes (16 B per token) and
+  recently read tokens; the files are immutable, so cached data is validated once, at open, not
+  on every read (benchmarks/export_io.py: this halves the warm gather latency).
   """
 
   def __init__(self, directory, entry, model_config, cache_bytes=DEFAULT_CACHE_BYTES):
     self.shape = tuple(entry['shape'])
+    self.scheme = table_scheme(entry)
     self.dtype = entry['dtype']
     expected = (model_config['vocab_size'], model_config['num_layers'],
                 model_config['meki']['d_mem'])
     _require(self.shape == expected, f'manifest.json memory.shape={list(self.shape)} != '
              f'[vocab_size, num_layers, d_mem] of model_config = {list(expected)}')
-    _require(self.dtype in DTYPES, f'manifest.json memory.dtype={self.dtype!r} is not one of '
-             f'{tuple(DTYPES)}')
+    _require(self.dtype == self.scheme.storage_dtype.name, f'manifest.json memory.dtype='
+             f'{self.dtype!r} does not fit memory.scheme {self.scheme.name!r} (stored as '
+             f'{self.scheme.storage_dtype.name})')
+    try:
+      stored = self.shape[:2] + (self.scheme.stored_width(self.shape[2]),)
+    except SchemeError as error:
+      raise ExportError(f'manifest.json memory: {error}') from None
     _require(entry.get('layout') == LAYOUT, f'manifest.json memory.layout='
              f'{entry.get("layout")!r}, expected {LAYOUT!r}')
     context = ts.Context({'cache_pool': {'total_bytes_limit': cache_bytes}})
@@ -297,17 +297,17 @@ class FoldedMemory:
     except ValueError as error:
       raise ExportError(f'{path} cannot be opened as a zarr3 array: {error}') from error
     layout = self.store.chunk_layout
-    checks = {'shape': (tuple(self.store.shape), self.shape),
+    checks = {'shape': (tuple(self.store.shape), stored),
               'dtype': (self.store.dtype.name, self.dtype),
               'shard (write chunk) shape': (tuple(layout.write_chunk.shape),
-                                            (entry['rows_per_shard'],) + self.shape[1:]),
-              'read chunk shape': (tuple(layout.read_chunk.shape), (1,) + self.shape[1:])}
+                                            (entry['rows_per_shard'],) + stored[1:]),
+              'read chunk shape': (tuple(layout.read_chunk.shape), (1,) + stored[1:])}
     for name, (actual, recorded) in checks.items():
       _require(actual == recorded, f'{path}/zarr.json: {name} {actual} != manifest.json '
                f'{recorded}')
 
   def rows(self, token_ids):
-    """token_ids (any int shape, values in [0, vocab)) -> rows [*shape, num_layers, d_mem]."""
+    """token_ids (any int shape, values in [0, vocab)) -> stored rows [*shape, L, width]."""
     ids = np.asarray(token_ids)
     flat = ids.reshape(-1).astype(np.int64)
     bad = flat[(flat < 0) | (flat >= self.shape[0])]
@@ -320,7 +320,15 @@ class FoldedMemory:
         rows = self.store[flat].read().result()
     except ValueError as error:  # tensorstore reports a chunk's crc32c mismatch as DATA_LOSS
       raise ExportError(f'reading the rows of token ids {flat[:8].tolist()}: {error}') from error
-    return rows.reshape(ids.shape + self.shape[1:])
+    return rows.reshape(ids.shape + tuple(self.store.shape[1:]))
+
+  def program_inputs(self, token_ids):
+    """token_ids [b, t] -> the programs' memory inputs as numpy arrays (table_quant.split)."""
+    return self.scheme.split(self.rows(token_ids), self.shape[2])
+
+  def dequantized(self, token_ids):
+    """token_ids (any int shape) -> float32 rows [*shape, L, d_mem], as the programs see them."""
+    return self.scheme.decode(self.rows(token_ids), self.shape[2])
 
 
 def open_export(directory, verify_checksums=True, cache_bytes=DEFAULT_CACHE_BYTES):

@@ -67,14 +67,14 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
-  """Qwen3 GQA over a KV cache: x [b, t, d] -> ([b, t, d], keys, values [b, kv, S, hd])."""
+  """Qwen3 GQA over a KV cache passed in and out: x [b, t, d] -> ([b, t, d], keys, values
+  [b, kv, S, hd]). export/device_model.py's CachedAttention keeps the cache inside instead."""
 
   def __init__(self, config):
     super().__init__()
     d, heads, kv_heads, head_dim = (config['d_model'], config['num_heads'],
                                     config['num_kv_heads'], config['head_dim'])
     self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
-    self.theta = float(config['rope_theta'])
     self.q_proj = linear(d, heads * head_dim)
     self.k_proj = linear(d, kv_heads * head_dim)
     self.v_proj = linear(d, kv_heads * head_dim)
@@ -85,14 +85,19 @@ class Attention(nn.Module):
     else:
       self.q_norm = self.k_norm = nn.Identity()
 
-  def forward(self, x, positions, keys, values):
+  def project(self, x):
+    """x [b, t, d] -> q [b, t, heads, hd], k and v [b, t, kv_heads, hd] (q and k normed)."""
+    b, t, _ = x.shape
+    q = self.q_norm(self.q_proj(x).view(b, t, self.heads, self.head_dim))
+    k = self.k_norm(self.k_proj(x).view(b, t, self.kv_heads, self.head_dim))
+    return q, k, self.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
+
+  def forward(self, x, cos, sin, positions, keys, values):
+    """cos, sin [t, hd] (rope_tables of `positions` [t]); keys, values [b, kv, S, hd]."""
     b, t, _ = x.shape
     group = self.heads // self.kv_heads
-    q = self.q_norm(self.q_proj(x).view(b, t, self.heads, self.head_dim)).transpose(1, 2)
-    k = self.k_norm(self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)).transpose(1, 2)
-    v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-    cos, sin = rope_tables(positions, self.head_dim, self.theta)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [b, heads | kv, t, hd]
+    q, k, v = (tensor.transpose(1, 2) for tensor in self.project(x))  # [b, heads | kv, t, hd]
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     keys = keys.index_copy(2, positions, k)  # [b, kv, S, hd]: slot = position
     values = values.index_copy(2, positions, v)
     # The `group` query heads of one kv head become rows of one product: [b * kv, group * t, hd]
@@ -153,30 +158,29 @@ class DecoderLayer(nn.Module):
     self.post_attention_layernorm = RMSNorm(d, eps)
     self.mlp = SwiGLU(d, config['d_ff'])
     self.position = config['meki']['position'] if meki_enabled(config) else None
-    self.raw_gate_input = config.get('flavor', 'paper') == 'authors_release'
     if self.position is not None:
       self.meki = MekiBranch(config)
 
-  def forward(self, x, positions, memory_rows, keys, values):
-    """x [b, t, d], memory_rows [b, t, m] or None -> (x, keys, values).
+  def forward(self, x, memory_rows, *attention_inputs):
+    """x [b, t, d], memory_rows [b, t, m] or None -> (x, *the attention's cache outputs).
 
-    In the authors_release flavor (spec 6a point 1) the branch parallel to the FFN reads the
-    raw residual x, not the FFN's normalised input.
+    attention_inputs: what `self_attn` takes after its input (Attention: cos, sin, positions,
+    keys, values; it returns the new keys and values).
     """
     attn_in = self.input_layernorm(x)
-    attn, keys, values = self.self_attn(attn_in, positions, keys, values)
+    attn, *cache = self.self_attn(attn_in, *attention_inputs)
     x = x + attn
     if self.position == 'parallel_attention':
       x = x + self.meki(attn_in, memory_rows)
     elif self.position == 'after_attention':
       x = x + self.meki(self.meki.pre_norm(x), memory_rows)
     ffn_in = self.post_attention_layernorm(x)  # (7)
-    residual, x = x, x + self.mlp(ffn_in)
+    x = x + self.mlp(ffn_in)
     if self.position == 'parallel_ffn':  # (8): H' = FFN(H) + MeKi(H) + A
-      x = x + self.meki(residual if self.raw_gate_input else ffn_in, memory_rows)
+      x = x + self.meki(ffn_in, memory_rows)
     elif self.position == 'after_ffn':
       x = x + self.meki(self.meki.pre_norm(x), memory_rows)
-    return x, keys, values
+    return (x, *cache)
 
 
 class Backbone(nn.Module):
@@ -207,6 +211,7 @@ class MekiForCausalLM(nn.Module):
     self.config = config
     self.uses_memory = meki_enabled(config)
     self.model = Backbone(config)
+    self.rope_theta = float(config['rope_theta'])
 
   def cache_shape(self, batch, cache_len):
     """The shape of key_cache and value_cache: [L, b, kv_heads, S, head_dim]."""
@@ -221,10 +226,11 @@ class MekiForCausalLM(nn.Module):
     if (memory_rows is None) == self.uses_memory:
       raise ValueError('memory_rows are required for a MeKi model and absent for a dense one')
     x = self.model.embed_tokens(token_ids)  # [b, t, d]
+    cos, sin = rope_tables(positions, self.config['head_dim'], self.rope_theta)  # [t, hd]
     keys, values = [], []
     for index, layer in enumerate(self.model.layers):
       rows = None if memory_rows is None else memory_rows[:, :, index]  # [b, t, m]
-      x, layer_keys, layer_values = layer(x, positions, rows, key_cache[index],
+      x, layer_keys, layer_values = layer(x, rows, cos, sin, positions, key_cache[index],
                                           value_cache[index])
       keys.append(layer_keys)
       values.append(layer_values)

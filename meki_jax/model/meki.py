@@ -3,8 +3,8 @@
 Two flavors (`config.model.flavor`): `paper`, the equations of spec section 2, and
 `authors_release`, the network of the authors' released Megatron code (spec section 6a): G
 starts with an RMSNorm with a learned gain on E[x] (`projection_norm`, folded like the rest of
-(1)-(3)), G's down projection starts at std init_std / sqrt(2 L), and the gate reads the raw
-residual stream (set by the caller, transformer.DecoderLayer).
+(1)-(3)) and G's down projection starts at std init_std / sqrt(2 L). In both the gate reads the
+FFN's input RMSNorm(A) (spec 6a point 1).
 
 Training form (`folded=False`):
     e = alpha * RMSNorm_mix(M[x] + beta * G(E[x]))        (1)-(3), submodule `memory`

@@ -20,7 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 from meki_jax.model.attention import Attention
 from meki_jax.model.engram import EngramMemory, add_engram, engram_enabled, engram_slots
 from meki_jax.model.layers import RMSNorm, SwiGLU, lookup_rows, normal_init
-from meki_jax.model.meki import MekiBranch, authors_release, output_init_std, resolve_memory_mix
+from meki_jax.model.meki import MekiBranch, output_init_std, resolve_memory_mix
 from meki_jax.model.ple import PerLayerBranch, PerLayerInputs, ple_enabled
 from meki_jax.model.remat import checkpoint_policy
 
@@ -40,7 +40,7 @@ class DecoderLayer(nn.Module):
   before the attention. `embedding` (E_global [vocab, d_model], compute dtype) replaces
   `embed_rows` (None then) when the MeKi branch mixes its memory per vocabulary row.
   In the authors_release flavor (spec 6a) the attention and FFN output projections start at
-  Megatron's scaled std and the MeKi gate reads the raw residual A instead of RMSNorm(A).
+  Megatron's scaled std.
   """
   config: object
   folded: bool = False
@@ -86,10 +86,9 @@ class DecoderLayer(nn.Module):
     ffn = SwiGLU(hidden=cfg.d_ff, out=cfg.d_model, std=cfg.init_std, out_std=out_std,
                  name='mlp', weight_grad_first=ffn_first if cfg.weight_grad_first else (),
                  **dtypes)
-    residual, x = x, x + ffn(ffn_in)
+    x = x + ffn(ffn_in)
     if meki_position == 'parallel_ffn':
-      # (8): H' = FFN(H) + MeKi(H) + A; authors_release: MeKi(A) (TE fuses the norm into the FFN)
-      x = x + meki(residual if authors_release(cfg) else ffn_in)
+      x = x + meki(ffn_in)  # (8): H' = FFN(H) + MeKi(H) + A
     elif meki_position == 'after_ffn':
       x = x + meki(norm('pre_meki_norm')(x))
     if ple_input is not None:

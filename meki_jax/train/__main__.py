@@ -2,15 +2,18 @@
 
 A bad command line or config, a damaged workdir, a second trainer on the workdir, a diverged
 run or a failed save end with one line `... error: <what, where, what to do>` and status 1 (2 for
-the command line); MEKI_TRACEBACK=1 shows the traceback instead.
+the command line); MEKI_TRACEBACK=1 shows the traceback instead. Ctrl-C before the first step
+exits at once (status 130); during training see meki_jax/train/loop.py.
 """
 
-from absl import app, flags, logging
-from ml_collections import config_flags
-
 from meki_jax import cli
-from meki_jax.train import distributed
-from meki_jax.train.errors import RunError
+
+cli.start(__name__)  # before jax is imported: Ctrl-C is one line from here on
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from meki_jax.train import distributed  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A config file (configs/*.py[:arg]).',
                                           lock_config=True)
@@ -25,14 +28,13 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\' index.')
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
   cli.quiet_failed_saves()
-  config = cli.load_config(_CONFIG)
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from meki_jax.train.loop import train  # after jax.distributed: nothing touches devices first
-  cli.report_errors(lambda: train(config, _WORKDIR.value), (RunError, ValueError, OSError))
+  train(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run_absl(main)

@@ -4,7 +4,9 @@ Saves are asynchronous and atomic: orbax writes each step into a temporary direc
 renames it when every process has finished, so an interrupted save is never found as the
 latest step. Before the rename, process 0 writes the step's checksum manifest
 (`checksums.json`, see checksums.py): a step counts as complete only with it, restores verify it
-and fall back to the newest intact step, naming the damaged file. Only complete steps count
+and fall back to the newest intact step, naming the damaged file. A Manager given the run's
+record (run_config.record) writes it into every step as `config.json` before the manifest, and
+copies it to `<workdir>/config.json` once the step is committed. Only complete steps count
 towards `train.keep_checkpoints`, so a failed or damaged save never rotates a good one out.
 Restores take the target shardings of the current mesh, so a checkpoint written on N devices
 (or hosts) restores on M.
@@ -22,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from meki_jax import run_config
 from meki_jax.train import checksums
 from meki_jax.train.errors import RunError
 from meki_jax.train.state import in_device_memory
@@ -36,8 +39,9 @@ class Manager(ocp.CheckpointManager):
   orbax's own rotation (max_to_keep) is off: it deletes old steps even when the new save failed.
   """
 
-  def __init__(self, directory, keep_checkpoints):
+  def __init__(self, directory, keep_checkpoints, record=None):
     self.keep_checkpoints = keep_checkpoints
+    self.record = record  # the run's config as JSON text, or None (nothing recorded)
     self.pending_step = None  # the step whose asynchronous save is in flight (finish clears it)
     self.manifest_step = None  # the step the manifest callback writes
     self.manifest_error = None  # why the manifest of pending_step could not be written
@@ -51,7 +55,10 @@ class Manager(ocp.CheckpointManager):
     the temporary directory is renamed into place."""
     step = self.manifest_step
     try:
-      checksums.write_manifest(_unfinalized_directory(self.directory, step))
+      directory = _unfinalized_directory(self.directory, step)
+      if self.record is not None:
+        run_config.write(directory, self.record)
+      checksums.write_manifest(directory)
     except Exception as error:  # noqa: BLE001  (re-raised: orbax then does not commit the step)
       self.manifest_error = _one_line(error)
       raise
@@ -74,9 +81,9 @@ def checkpoint_directory(workdir):
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
 
-def checkpoint_manager(workdir, train_config):
-  """A Manager keeping the last `train.keep_checkpoints` complete steps."""
-  return Manager(checkpoint_directory(workdir), train_config.keep_checkpoints)
+def checkpoint_manager(workdir, train_config, record=None):
+  """A Manager keeping the last `train.keep_checkpoints` complete steps, recording `record`."""
+  return Manager(checkpoint_directory(workdir), train_config.keep_checkpoints, record)
 
 
 def saved_steps(directory):
@@ -112,23 +119,10 @@ def verify_step(directory, step):
 
 
 def newest_intact_step(directory, steps=None):
-  """(newest step that verifies or None, [(newer step, its problem), ...] newest first).
-
-  Raises RunError when there are steps but none verifies: starting afresh would silently throw
-  the run away.
-  """
+  """(newest step that verifies or None, [(newer step, its problem), ...] newest first);
+  RunError if no step verifies (checksums.newest_intact, with every process' answer agreed)."""
   steps = saved_steps(directory) if steps is None else steps
-  damaged = []
-  for step in reversed(steps):
-    problem = verify_step(directory, step)
-    if problem is None:
-      return step, damaged
-    damaged.append((step, problem))
-  if damaged:
-    raise RunError(f'no checkpoint in {directory} passes verification: ' + '; '.join(
-        f'step {step}: {problem}' for step, problem in damaged) +
-        '. Nothing was changed; use a new --workdir to start afresh')
-  return None, damaged
+  return checksums.newest_intact(directory, steps, verify_step)
 
 
 def set_aside(workdir, damaged):
@@ -199,6 +193,8 @@ def finish(manager):
     reason = manager.manifest_error or error or 'the step directory was not committed'
     raise RunError(f'saving checkpoint step {step} to {manager.directory} failed: {reason}. '
                    'Training stopped; ' + _last_complete(manager.directory, step))
+  if manager.record is not None and jax.process_index() == 0:
+    run_config.write(os.path.dirname(str(manager.directory)), manager.record)
   complete = [s for s in saved_steps(str(manager.directory))
               if os.path.exists(os.path.join(str(manager.directory), str(s), checksums.MANIFEST))]
   for old in complete[:-manager.keep_checkpoints]:
@@ -247,8 +243,8 @@ def restore(manager, abstract_state, state_shardings, data_iterator, step=None,
   directory = str(manager.directory)
   if step is None:
     step, damaged = newest_intact_step(directory)
-    for bad_step, problem in damaged:
-      _report(f'checkpoint step {bad_step} is damaged and skipped: {problem}')
+    for line in checksums.skipped(damaged):
+      _report(line)
     if step is None:
       return None, False
   else:

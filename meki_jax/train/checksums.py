@@ -14,6 +14,7 @@ import os
 import xxhash
 
 from meki_jax import files
+from meki_jax.train.errors import RunError
 
 MANIFEST = 'checksums.json'
 ALGORITHM = 'xxh3_128'
@@ -101,3 +102,29 @@ def verify(directory, part=0, parts=1):
     if problem:
       return problem
   return None
+
+
+def newest_intact(directory, steps, verify_step):
+  """(the newest of `steps` that verifies, or None; [(newer step, its problem), ...] newest
+  first): the rule every reader of a checkpoints `directory` follows. `verify_step(directory,
+  step)` gives None or the step's problem.
+
+  Raises RunError when there are steps but none verifies: starting afresh (or exporting an
+  older run) would silently throw the run away.
+  """
+  damaged = []
+  for step in sorted(steps, reverse=True):
+    problem = verify_step(directory, step)
+    if problem is None:
+      return step, damaged
+    damaged.append((step, problem))
+  if damaged:
+    raise RunError(f'no checkpoint in {directory} passes verification: ' + '; '.join(
+        f'step {step}: {problem}' for step, problem in damaged) +
+        '. Nothing was changed; use a new --workdir to start afresh')
+  return None, damaged
+
+
+def skipped(damaged):
+  """The line a reader prints for each damaged step it skips ((step, problem) pairs)."""
+  return [f'checkpoint step {step} is damaged and skipped: {problem}' for step, problem in damaged]

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 
-from meki_jax.files import umask_mode
+from meki_jax import files
 from meki_jax.train.errors import RunError
 
 FILENAME = 'trainer.lock'
@@ -94,7 +94,7 @@ class WorkdirLock:
   def acquire(self):
     """Takes the lock; returns the stale holder it replaced (a dict) or None."""
     os.makedirs(os.path.dirname(self.path) or '.', exist_ok=True)
-    descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, umask_mode())
+    descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, files.umask_mode())
     try:
       fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
@@ -113,7 +113,13 @@ class WorkdirLock:
     self._record = {'host': socket.gethostname(), 'pid': os.getpid(),
                     'pid_start': _process_start(os.getpid()), 'processes': self._processes,
                     'started': now, 'heartbeat': now}
-    self._write()
+    try:
+      self._write()
+    except OSError:  # a full disk: nothing is held, and no empty lock file is left
+      os.remove(self.path)
+      os.close(descriptor)
+      self._descriptor = None
+      raise
     self._thread = threading.Thread(target=self._beat, name='trainer.lock heartbeat',
                                     daemon=True)
     self._thread.start()
@@ -126,9 +132,10 @@ class WorkdirLock:
   def _write(self):
     """Rewrites the record in place (a rename would leave the flock on the old file)."""
     data = json.dumps(self._record).encode()
-    os.ftruncate(self._descriptor, 0)
-    os.pwrite(self._descriptor, data, 0)
-    os.fsync(self._descriptor)
+    with files.naming(self.path):
+      os.ftruncate(self._descriptor, 0)
+      os.pwrite(self._descriptor, data, 0)
+      os.fsync(self._descriptor)
 
   def _beat(self):
     while not self._stop.wait(HEARTBEAT_SECONDS):

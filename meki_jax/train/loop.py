@@ -1,18 +1,20 @@
 """The training loop: config -> mesh -> data -> sharded state -> jitted steps -> checkpoints.
 
 `train(config, workdir)` takes the workdir's lock (trainer.lock), checks everything it can
-before step 1 (the config against <workdir>/config.json, that the training sources hold
-documents and the evaluation data loss tokens), resumes from the newest checkpoint that passes
-its checksums (state, optimizer, step and the data iterator's position; damaged newer steps are
-moved to <workdir>/damaged_checkpoints), logs every `train.log_every` global steps, evaluates
-every `train.eval_every`, saves every `train.checkpoint_every`, and on SIGTERM (a TPU
-preemption) or a first Ctrl-C saves the current step and returns. A non-finite loss or state,
-or a failed save, stops the run with a RunError before anything bad is saved.
+before step 1 (the config against <workdir>/config.json and against the resumed step's own
+record, that the training sources hold documents and the evaluation data loss tokens), resumes
+from the newest checkpoint that passes its checksums (state, optimizer, step and the data
+iterator's position; damaged newer steps are moved to <workdir>/damaged_checkpoints), logs
+every `train.log_every` global steps, evaluates every `train.eval_every`, saves every
+`train.checkpoint_every` (each step records the run's config; run_config.py), and on SIGTERM (a
+TPU preemption) or a first Ctrl-C saves the current step and returns. Before the loop starts a
+Ctrl-C exits at once (interrupt.py): nothing has been trained that a save would keep. A
+non-finite loss or state, or a failed save, stops the run with a RunError before anything bad
+is saved.
 """
 
 import functools
 import os
-import signal
 import sys
 import time
 
@@ -22,7 +24,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from meki_jax import run_config, sharding
+from meki_jax import interrupt, run_config, sharding
 from meki_jax.config import validate
 from meki_jax.convert.hf_qwen3 import load_hf_qwen3, merge_backbone
 from meki_jax.data.pipeline import make_eval_dataset, make_train_dataset
@@ -36,39 +38,29 @@ from meki_jax.train.metrics import MetricWriter
 class _Preemption:
   """Whether to save and stop after this step, the same answer on every process.
 
-  One process: SIGTERM and a first SIGINT (Ctrl-C) set a flag; a second SIGINT exits at once
-  (status 130) without saving. Several: jax.distributed's preemption service (started by
+  One process: SIGTERM and a first Ctrl-C request it (interrupt.Deferred); a second Ctrl-C exits
+  at once (status 130) without saving. Several: jax.distributed's preemption service (started by
   jax.distributed.initialize) catches SIGTERM on any host and orbax's `reached_preemption`
-  makes all processes agree on the step, so no handler of ours is installed (it would replace
-  the service's).
+  makes all processes agree on the step, so no handler of ours replaces the service's (Ctrl-C
+  exits at once, as before the first step).
   """
 
   def __init__(self, manager):
     self._manager = manager
-    self._requested = False
-    self._previous = {}
+    self._deferred = None
     if jax.process_count() == 1:
-      for signum in (signal.SIGTERM, signal.SIGINT):
-        self._previous[signum] = signal.signal(signum, self._handle)
-
-  def _handle(self, signum, frame):
-    del frame
-    if signum == signal.SIGINT:
-      if self._requested:
-        print('\nsecond Ctrl-C: exiting without saving', file=sys.stderr, flush=True)
-        os._exit(130)
-      print('\nCtrl-C: saving a checkpoint after this step, then stopping '
-            '(Ctrl-C again to exit at once without saving)', file=sys.stderr, flush=True)
-    self._requested = True
+      self._deferred = interrupt.Deferred(
+          'Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again to exit at '
+          'once without saving)', 'second Ctrl-C: exiting without saving')
 
   def reached(self, step):
-    if jax.process_count() == 1:
-      return self._requested
+    if self._deferred is not None:
+      return self._deferred.requested
     return self._manager.reached_preemption(step)
 
   def restore(self):
-    for signum, previous in self._previous.items():
-      signal.signal(signum, previous)
+    if self._deferred is not None:
+      self._deferred.close()
 
 
 def _global_batch(local_batch, batch_sharding, vocab_size):
@@ -98,13 +90,19 @@ def evaluate(params, config, eval_fn, batch_sharding):
     batch_loss, batch_count = eval_fn(params, batch)
     loss_sum, count = loss_sum + float(batch_loss), count + float(batch_count)
   if count == 0:
-    raise ValueError(_NO_EVAL_TOKENS.format(config.data.eval_fraction))
+    raise ValueError(_no_eval_tokens(config.data))
   return loss_sum / count
 
 
-_NO_EVAL_TOKENS = ('the evaluation data has no loss tokens: set data.eval_sources, or a '
-                   'data.eval_fraction (now {}) that holds out some documents of '
-                   'data.train_sources')
+def _no_eval_tokens(data_config):
+  """Why there is nothing to evaluate on, naming the sources."""
+  if data_config.eval_sources:
+    paths = ', '.join(repr(source['path']) for source in data_config.eval_sources)
+    return (f'the evaluation data has no loss tokens: data.eval_sources ({paths}) hold no '
+            'document of two or more tokens; point them at token shards with documents')
+  return ('the evaluation data has no loss tokens: set data.eval_sources, or a '
+          f'data.eval_fraction (now {data_config.eval_fraction}) that holds out some documents '
+          'of data.train_sources')
 
 
 def check_eval_data(config):
@@ -116,7 +114,7 @@ def check_eval_data(config):
       break
     if batch['loss_mask'].sum() > 0:
       return
-  raise ValueError(_NO_EVAL_TOKENS.format(config.data.eval_fraction))
+  raise ValueError(_no_eval_tokens(config.data))
 
 
 def _check_finite(state, step, manager):
@@ -137,17 +135,32 @@ def _resume_hint(manager):
 def train(config, workdir):
   """Trains until `train.num_steps`, SIGTERM or Ctrl-C. Returns the last logged metrics."""
   config = validate(config)
-  run_config.check(config, workdir)  # before anything is read or written
+  recorded = run_config.check(config, workdir)  # before anything is read or written
   lock = WorkdirLock(workdir, jax.process_count())
   if jax.process_index() == 0:
     lock.acquire()
   try:
-    return _train(config, workdir)
+    with interrupt.cleanup(lock.release):
+      return _train(config, workdir, recorded)
   finally:
     lock.release()
 
 
-def _train(config, workdir):
+def _resumed_record(config, workdir, step, recorded):
+  """The record of a run resuming checkpoint `step` (run_config.record), after refusing a
+  different model (the step's own record decides, with or without <workdir>/config.json) and
+  listing the other settings that changed since the step was saved."""
+  step_record, changes = run_config.check_checkpoint(
+      config, os.path.join(checkpoint.checkpoint_directory(workdir), str(step)))
+  if changes:
+    _print(f'resuming checkpoint step {step} with changed settings: ' + '; '.join(changes))
+  if config.train.init_from_hf:
+    _print(f'{run_config.INIT_FROM_HF}={config.train.init_from_hf!r} is ignored: the run resumes '
+           f'from checkpoint step {step} of {workdir} (it only initialises a new run)')
+  return run_config.record(config, step_record or recorded or {})
+
+
+def _train(config, workdir, recorded):
   train_config = config.train
   make_data = lambda seed: iter(make_train_dataset(
       config.data, global_batch_size=train_config.global_batch_size,
@@ -171,11 +184,13 @@ def _train(config, workdir):
   replicated = NamedSharding(mesh, PartitionSpec())
 
   intact, damaged = checkpoint.newest_intact_step(checkpoint.checkpoint_directory(workdir))
+  record = (run_config.record(config) if intact is None
+            else _resumed_record(config, workdir, intact, recorded))
   for bad_step, target in checkpoint.set_aside(workdir, damaged).items():
     problem = dict(damaged)[bad_step]
     _print(f'checkpoint step {bad_step} is damaged ({problem}); moved to {target} and '
            f'skipped: resuming from step {intact}')
-  manager = checkpoint.checkpoint_manager(workdir, train_config)
+  manager = checkpoint.checkpoint_manager(workdir, train_config, record)
   try:
     state, data_restored = (None, False) if intact is None else checkpoint.restore(
         manager, abstract_state, state_shardings, data_iterator, step=intact, verified=True)
@@ -189,7 +204,6 @@ def _train(config, workdir):
                                      jax.random.PRNGKey(train_config.seed), host_memory)
       if train_config.init_from_hf:
         state = _start_from_hf(state, state_shardings, config)
-    run_config.save(config, workdir, write=jax.process_index() == 0)  # started: now it is true
     start_step = int(state.step)
     if start_step >= train_config.num_steps:
       _print(f'{workdir}: checkpoint step {start_step} already reaches train.num_steps='
@@ -203,9 +217,11 @@ def _train(config, workdir):
 
 
 def _close(manager):
-  """Waits for the save in flight and closes; an error here only matters if none is raised."""
+  """Waits for the save in flight (recorded once committed: checkpoint.finish) and closes; an
+  error here only matters if none is raised."""
   failing = sys.exc_info()[0] is not None
   try:
+    checkpoint.finish(manager)
     manager.close()
   except Exception:  # noqa: BLE001
     if not failing:

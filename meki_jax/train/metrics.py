@@ -22,15 +22,17 @@ class MetricWriter:
     from tensorboardX import SummaryWriter
     os.makedirs(workdir, exist_ok=True)
     drop_records_after(workdir, start_step)
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+    self._path = os.path.join(workdir, 'metrics.jsonl')
+    self._jsonl = open(self._path, 'a', encoding='utf-8')
     self._tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step, metrics):
     if not self._enabled:
       return
     record = {'step': int(step), **{k: float(v) for k, v in metrics.items()}}
-    self._jsonl.write(json.dumps(record) + '\n')
-    self._jsonl.flush()
+    with files.naming(self._path):  # a full disk names the file
+      self._jsonl.write(json.dumps(record) + '\n')
+      self._jsonl.flush()
     for name, value in metrics.items():
       self._tensorboard.add_scalar(name, float(value), int(step))
 

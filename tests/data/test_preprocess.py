@@ -147,6 +147,30 @@ def test_an_existing_output_is_replaced_only_with_overwrite(tmp_path, qwen3):
   assert sorted(p.name for p in tmp_path.iterdir()) == ['a.txt', 'out']  # no temporaries left
 
 
+def test_overwrite_never_deletes_an_input_or_a_directory_of_other_files(tmp_path):
+  (tmp_path / 'corpus').mkdir()
+  (tmp_path / 'corpus' / 'a.txt').write_text('my only copy')
+  with pytest.raises(ValueError, match='corpus contains .*a.txt, an input of this command'):
+    _run([str(tmp_path / 'corpus' / 'a.txt')], tmp_path / 'corpus', overwrite=True)
+  (tmp_path / 'notes').mkdir()
+  (tmp_path / 'notes' / 'todo.txt').write_text('keep me')
+  with pytest.raises(FileExistsError, match='notes exists and is not a token-shard directory'):
+    _run([str(tmp_path / 'corpus' / 'a.txt')], tmp_path / 'notes', overwrite=True)
+  assert (tmp_path / 'corpus' / 'a.txt').read_text() == 'my only copy'
+  assert [p.name for p in (tmp_path / 'notes').iterdir()] == ['todo.txt']
+
+
+def test_a_truncated_gzip_file_is_named_with_the_last_line_read(tmp_path):
+  data = gzip.compress(''.join(json.dumps({'text': f'document {i} ' * 20}) + '\n'
+                               for i in range(2000)).encode())
+  (tmp_path / 'a.jsonl.gz').write_bytes(data[:len(data) // 2])
+  with pytest.raises(ValueError, match=r'a\.jsonl\.gz: unreadable after line \d+ \(EOFError: '
+                                       r'Compressed file ended .*\); is the file truncated or '
+                                       r'corrupt\?'):
+    _run([str(tmp_path / 'a.jsonl.gz')], tmp_path / 'out')
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['a.jsonl.gz']  # nothing half-written
+
+
 def test_a_record_without_the_text_field_is_named(tmp_path):
   (tmp_path / 'a.jsonl').write_text('{"text": "fine"}\n{"content": "no text field"}\n')
   with pytest.raises(ValueError, match=r"a\.jsonl:2: no field 'text'.*\['content'\]"):

@@ -53,9 +53,8 @@ def eval_run(tmp_path_factory):
                                  jax.random.PRNGKey(0))
   params = jax.tree_util.tree_map(lambda new, old: jax.device_put(new, old.sharding),
                                   moved_off_init(state.params), state.params)
-  run_config.save(config, str(workdir))
-  manager = checkpoint.checkpoint_manager(workdir, config.train)
+  manager = checkpoint.checkpoint_manager(workdir, config.train, run_config.record(config))
   checkpoint.save(manager, 5, state.replace(params=params), None, force=True)
-  manager.wait_until_finished()
+  checkpoint.finish(manager)  # committed: the record is copied to <workdir>/config.json
   manager.close()
   return config, str(config_path), str(workdir), jax.tree_util.tree_map(np.asarray, params)

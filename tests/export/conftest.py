@@ -1,15 +1,21 @@
-"""A small trained MeKi model and its training checkpoint, shared by the export tests."""
+"""A small trained MeKi model, its training checkpoint and its fp32 export with the JAX
+reference generation, shared by the export tests."""
 
 import functools
 import json
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
-from meki_jax import sharding
+from meki_jax import decode, sharding
+from meki_jax.export import exporter
+from meki_jax.fold import fold_params
 from meki_jax.model.transformer import build_model
 from meki_jax.train import checkpoint, optim, state as state_lib, step as step_lib
 
@@ -94,3 +100,42 @@ def trained_run(tmp_path_factory):
   manager.wait_until_finished()
   manager.close()
   return config, workdir, config_file
+
+
+STEPS = 32
+CACHE_LEN = 64
+PROMPT = [CYCLE_START + 7, CYCLE_START + 30, CYCLE_START + 11, CYCLE_START + 2]
+
+
+@pytest.fixture(scope='session')
+def exported(trained_run, tmp_path_factory):
+  """(export dir, JAX reference) for the trained model, exported by the CLI in fp32."""
+  config, workdir, config_file = trained_run
+  out = tmp_path_factory.mktemp('export') / 'model'
+  subprocess.run([sys.executable, 'tools/export_memory.py', f'--config={config_file}',
+                  f'--checkpoint={workdir}', f'--out={out}', '--dtype=float32',
+                  '--rows_per_shard=16384'], check=True)
+  params, _ = exporter.restore_params(config, workdir)
+  return out, jax_reference(params, config.model)
+
+
+def jax_reference(params, model_config):
+  """The JAX folded model on PROMPT: prefill logits [t, vocab], then STEPS greedy tokens and the
+  logits each was chosen from [STEPS, vocab] (meki_jax.decode with its KV cache)."""
+  folded = fold_params(params, model_config)
+  prompt = jnp.array([PROMPT], jnp.int32)
+  prefill_logits = build_model(model_config, folded=True).apply({'params': folded}, prompt)[0]
+  model = build_model(model_config, folded=True, decode=True)
+  decode_params = decode.decode_params(folded, model_config)
+  cache = decode.init_cache(model_config, 1, CACHE_LEN)
+  cache = decode.prefill(model, decode_params, cache, prompt[:, :-1], 0)
+  token, position, tokens, logits = prompt[:, -1], len(PROMPT) - 1, [], []
+  for _ in range(STEPS):  # the first step feeds the last prompt token
+    token, step_logits, cache = decode.decode_step(
+        model, decode_params, cache, token, jnp.array([position]), jax.random.PRNGKey(0),
+        decode.Sampling())
+    tokens.append(int(token[0]))
+    logits.append(np.asarray(step_logits[0]))
+    position += 1
+  return {'prefill_logits': np.asarray(prefill_logits), 'tokens': tokens,
+          'logits': np.stack(logits)}

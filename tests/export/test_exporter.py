@@ -12,7 +12,8 @@ from configs import base
 from meki_jax import sharding
 from meki_jax.export import backbone, checkpoint_reader, exporter, memory_store, to_device
 from meki_jax.model.transformer import build_model
-from meki_jax.train import checkpoint, optim, state as state_lib
+from meki_jax.train import checkpoint, checksums, optim, state as state_lib
+from meki_jax.train.errors import RunError
 from tests.export.conftest import moved_params
 
 
@@ -85,6 +86,35 @@ def test_command_line_refuses_to_replace_an_export(trained_run, tmp_path):
   assert second.returncode != 0 and 'pass --overwrite' in second.stderr
   assert (out / memory_store.MANIFEST).stat().st_mtime_ns == before
   memory_store.open_export(out)
+
+
+def test_overwrite_never_deletes_the_checkpoint_it_reads(trained_run):
+  config, workdir, _ = trained_run
+  for checkpoint_path in (workdir, workdir / 'checkpoints' / '36'):
+    for out in (workdir, workdir.parent, workdir / 'export', workdir / 'checkpoints' / '37'):
+      with pytest.raises(ValueError, match='an input of this command: write the memory export'):
+        exporter.export_checkpoint(checkpoint_path, config.model, out, overwrite=True)
+  assert checksums.verify(str(workdir / 'checkpoints' / '36')) is None
+  assert not (workdir / 'export').exists() and not (workdir / 'checkpoints' / '37').exists()
+
+
+def test_a_workdir_whose_newest_step_is_damaged_exports_the_newest_intact_one(tmp_path, capsys):
+  """The trainer's and generate's rule (checksums.newest_intact), for every reader."""
+  for step in (1, 2):
+    (tmp_path / 'checkpoints' / str(step) / 'state').mkdir(parents=True)
+    (tmp_path / 'checkpoints' / str(step) / 'state' / 'data').write_bytes(bytes(range(256)))
+    checksums.write_manifest(str(tmp_path / 'checkpoints' / str(step)))
+  damaged = tmp_path / 'checkpoints' / '2' / 'state' / 'data'
+  damaged.write_bytes(bytes(reversed(range(256))))
+  assert checkpoint_reader.checkpoint_step_dir(tmp_path) == tmp_path / 'checkpoints' / '1'
+  assert capsys.readouterr().err == (f'checkpoint step 2 is damaged and skipped: {damaged} does '
+                                     'not match its checksum (its bytes changed after the save)\n')
+  with pytest.raises(ValueError, match='checkpoints/2 does not verify against its checksum'):
+    checkpoint_reader.checkpoint_step_dir(tmp_path / 'checkpoints' / '2')
+  (tmp_path / 'checkpoints' / '1' / 'state' / 'data').write_bytes(b'')
+  with pytest.raises(RunError, match='no checkpoint in .* passes verification: step 2: .*; '
+                                     'step 1: '):
+    checkpoint_reader.checkpoint_step_dir(tmp_path)
 
 
 @pytest.mark.slow

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from meki_jax.export import memory_store
+from meki_jax import files
+from meki_jax.export import memory_store, table_quant
 from meki_jax.export.exporter import export_folded
 from meki_jax.fold import fold_params
 from tests.export.conftest import moved_params
@@ -41,7 +42,7 @@ def test_rows_are_the_folded_tables_token_major(model, tmp_path, dtype):
   token_ids = np.array([[3, 96, 0, 3], [41, 40, 39, 80]])
   expected = np.asarray(jnp.asarray(tables).astype(dtype))[:, token_ids]  # [L, b, t, m]
   rows = memory.rows(token_ids)  # [b, t, L, m]
-  assert rows.dtype == memory_store.DTYPES[dtype]
+  assert rows.dtype == table_quant.FLOAT_DTYPES[dtype]
   np.testing.assert_array_equal(rows.view(np.uint8), np.moveaxis(expected, 0, 2).view(np.uint8))
   np.testing.assert_array_equal(memory.rows(np.array([96]))[0].view(np.uint8),
                                 expected[:, 0, 1].view(np.uint8))  # one token: [L, m]
@@ -63,6 +64,27 @@ def test_a_token_is_one_contiguous_chunk_of_a_shard_file(model, tmp_path):
   assert data[5 * token_bytes:5 * token_bytes + len(expected)] == expected
 
 
+@pytest.mark.parametrize('scheme', [table_quant.TableScheme('int8'),
+                                    table_quant.TableScheme('int4', 4)])
+def test_quantized_tables_are_stored_one_token_a_chunk(model, tmp_path, scheme):
+  """A token's int8/int4 values and scales for every layer are one contiguous run of a shard
+  file, the bytes table_quant encodes from the folded rows."""
+  config, _, tables = model
+  manifest = export(model, tmp_path / 'out', dtype=scheme.name, table_group_size=4)
+  assert manifest['memory']['scheme'] == scheme.record()
+  assert manifest['memory']['dtype'] == 'uint8' and manifest['memory']['shape'] == [97, 2, 8]
+  _, memory = memory_store.open_export(tmp_path / 'out')
+  width = scheme.stored_width(8)  # int8: 8 values + 2 scale bytes; int4: 4 + 2 * 2
+  token_ids = np.array([[3, 96, 0]])
+  expected = scheme.encode(np.moveaxis(tables[:, token_ids], 0, 2))  # [b, t, L, width]
+  np.testing.assert_array_equal(memory.rows(token_ids), expected)
+  np.testing.assert_array_equal(memory.dequantized(token_ids), scheme.decode(expected, 8))
+  data = (tmp_path / 'out' / memory_store.shard_file(1)).read_bytes()
+  token_bytes = config.num_layers * width + 4  # then its crc32c
+  assert data[5 * token_bytes:5 * token_bytes + 2 * width] == scheme.encode(
+      tables[:, 45]).tobytes()
+
+
 def test_manifest_records_what_the_reader_needs(model, tmp_path):
   config, _, _ = model
   manifest = export(model, tmp_path / 'out', dtype='bfloat16',
@@ -72,8 +94,8 @@ def test_manifest_records_what_the_reader_needs(model, tmp_path):
   assert manifest['model_config'] == json.loads(json.dumps(config.to_dict()))
   assert manifest['source']['step'] == 7
   memory = manifest['memory']
-  assert (memory['shape'], memory['dtype'], memory['layout']) == (
-      [97, 2, 8], 'bfloat16', 'token_major')
+  assert (memory['shape'], memory['dtype'], memory['scheme'], memory['layout']) == (
+      [97, 2, 8], 'bfloat16', {'name': 'bfloat16'}, 'token_major')
   assert [shard['rows'] for shard in memory['shards']] == [[0, 40], [40, 80], [80, 97]]
   assert all(len(shard['sha256']) == 64 for shard in memory['shards'])
   assert sorted(os.listdir(tmp_path)) == ['out']  # no temporary left behind
@@ -112,7 +134,12 @@ WRONG_MANIFESTS = {
     'shape': (lambda m: m['memory'].update(shape=[97, 3, 8]),
               r'memory.shape=\[97, 3, 8\] != \[vocab_size, num_layers, d_mem\]'),
     'dtype': (lambda m: m['memory'].update(dtype='float32'),
-              'dtype float16 != manifest.json float32'),
+              "memory.dtype='float32' does not fit memory.scheme 'float16'"),
+    'scheme': (lambda m: m['memory'].update(scheme={'name': 'int8', 'scale_dtype': 'float16',
+                                                     'group_size': None}),
+               "memory.dtype='float16' does not fit memory.scheme 'int8'"),
+    'unknown scheme': (lambda m: m['memory'].update(scheme={'name': 'int2'}),
+                       "memory.scheme=.*'int2' is not one of"),
     'rows_per_shard': (lambda m: m['memory'].update(rows_per_shard=50), 'makes 2'),
     'vocabulary': (lambda m: m['vocabulary'].update(size=96), 'vocabulary.size=96'),
     'eod_id': (lambda m: m['vocabulary'].update(eod_id=97), 'vocabulary.eod_id=97'),
@@ -168,4 +195,4 @@ def test_process_zero_times_out_when_another_process_never_finishes(model, tmp_p
     export(model, tmp_path / 'out', process_index=0, process_count=2, run_id='job-2',
            timeout_seconds=0.5)
   assert not (tmp_path / 'out').exists()
-  shutil.rmtree(memory_store.temporary_directory(tmp_path / 'out'))
+  shutil.rmtree(files.temporary_path(tmp_path / 'out'))

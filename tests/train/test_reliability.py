@@ -112,17 +112,19 @@ def test_a_damaged_checkpoint_is_named_kept_aside_and_the_run_resumes_from_the_i
   assert checkpoint.verify_step(directory, 4) is None  # saved again by the resumed run
   assert _losses(workdir) == uninterrupted  # steps 3-4 bit for bit, each step logged once
 
-  # A failed resume leaves no config.json of the wrong model behind.
+  # Without config.json the step's own record refuses a different model before the restore.
   os.remove(workdir / 'config.json')
   other = small_config(6, checkpoint_every=2)
   other.model.meki.d_mem = 16
-  with pytest.raises(ValueError, match='cannot be restored into this model/config'):
+  with pytest.raises(ValueError, match=r'checkpoint .*/4 was written by a different model .*'
+                                       r'model.meki.d_mem: 8 there, 16 now'):
     train(other, str(workdir))
   assert not (workdir / 'config.json').exists()
 
   assert train(small_config(4, checkpoint_every=2), str(workdir)) == {}  # a finished run
   assert ('checkpoint step 4 already reaches train.num_steps=4; nothing to train'
           in capsys.readouterr().err)
+  assert not (workdir / 'config.json').exists()  # it saved nothing: the step's record stands
   assert run_config.load(str(workdir)).model.meki.d_mem == 8
 
   for step in (2, 4):  # nothing intact at all: an error, not a silent fresh start
@@ -131,6 +133,52 @@ def test_a_damaged_checkpoint_is_named_kept_aside_and_the_run_resumes_from_the_i
                                      r'step 2: .*Nothing was changed'):
     train(small_config(6, checkpoint_every=2), str(workdir))
   assert checkpoint.saved_steps(directory) == [2, 4]
+
+
+@pytest.mark.slow
+def test_the_run_record_changes_only_with_a_saved_checkpoint(tmp_path, capsys):
+  """Issue 21 rows 3 and 7: a resume that diverges before it saves, or has nothing to train,
+  leaves config.json as it was; init_from_hf on a resume is ignored, said and not recorded;
+  without config.json the step's record refuses a same-shape model change; changes of data,
+  batch and sequence length are allowed and printed."""
+  workdir = tmp_path / 'run'
+  train(small_config(2, checkpoint_every=2), str(workdir))
+  record = (workdir / 'config.json').read_text()
+  assert record == (workdir / 'checkpoints' / '2' / 'config.json').read_text()
+  assert checkpoint.verify_step(str(workdir / 'checkpoints'), 2) is None  # covered by checksums
+
+  diverging = small_config(4, checkpoint_every=2)
+  diverging.optim.peak_lr = 1e30
+  with pytest.raises(RunError, match='the loss .* is not finite; training stopped without saving'):
+    train(diverging, str(workdir))
+  finished = small_config(2, checkpoint_every=2)
+  finished.optim.peak_lr = 0.5
+  capsys.readouterr()
+  assert train(finished, str(workdir)) == {}
+  assert capsys.readouterr().err.splitlines() == [
+      'resuming checkpoint step 2 with changed settings: optim.peak_lr: 0.01 at the checkpoint, '
+      '0.5 now',
+      f'{workdir}: checkpoint step 2 already reaches train.num_steps=2; nothing to train (raise '
+      '--config.train.num_steps to continue)']
+  assert (workdir / 'config.json').read_text() == record
+
+  os.remove(workdir / 'config.json')
+  other = small_config(4, checkpoint_every=2)
+  other.model.meki.fusion = 'mul_silu'  # the same parameter shapes, another function
+  with pytest.raises(ValueError, match="model.meki.fusion: 'add_sigmoid' there, 'mul_silu' now"):
+    train(other, str(workdir))
+  resumed = small_config(3, checkpoint_every=3)
+  resumed.data.seq_len, resumed.train.global_batch_size = 32, 16
+  resumed.train.init_from_hf = '/nonexistent'
+  train(resumed, str(workdir))
+  err = capsys.readouterr().err
+  assert ('resuming checkpoint step 2 with changed settings: data.seq_len: 64 at the checkpoint, '
+          '32 now; train.checkpoint_every: 2 at the checkpoint, 3 now; train.global_batch_size: '
+          '8 at the checkpoint, 16 now; train.num_steps: 2 at the checkpoint, 3 now') in err
+  assert (f"train.init_from_hf='/nonexistent' is ignored: the run resumes from checkpoint step 2 "
+          f'of {workdir} (it only initialises a new run)') in err
+  recorded = run_config.load(str(workdir))
+  assert (recorded.data.seq_len, recorded.train.init_from_hf) == (32, '')
 
 
 def test_a_running_trainer_keeps_a_second_one_out(tmp_path):
@@ -157,6 +205,20 @@ def test_nonfinite_values_are_named():
   tree = {'params': {'a': jnp.ones(3), 'b': jnp.array([1.0, jnp.nan])},
           'opt_state': {'mu': jnp.array([jnp.inf]), 'count': jnp.zeros((), jnp.int32)}}
   assert checkpoint.nonfinite_leaves(tree) == ['opt_state/mu', 'params/b']
+
+
+def test_evaluation_sources_without_documents_are_named_before_step_1(tmp_path):
+  from meki_jax.data import preprocess
+  (tmp_path / 'empty.jsonl').write_text('')
+  preprocess.preprocess([str(tmp_path / 'empty.jsonl')], str(tmp_path / 'shards'),
+                        progress=False)
+  config = small_config(2)
+  config.data.eval_sources = (dict(path=str(tmp_path / 'shards' / '*.array_record')),)
+  with pytest.raises(ValueError, match=r"the evaluation data has no loss tokens: "
+                                       r"data.eval_sources \('.*shards/\*.array_record'\) hold no "
+                                       r'document of two or more tokens'):
+    train(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run' / 'config.json').exists()
 
 
 @pytest.mark.slow
@@ -214,6 +276,47 @@ def test_ctrl_c_saves_and_a_second_one_exits_at_once(tmp_path):
   output = seen + output
   assert process.returncode == 130, output
   assert 'second Ctrl-C: exiting without saving' in output
+
+
+def _jax_loaded(process):
+  with open(f'/proc/{process.pid}/maps', encoding='utf-8') as maps:
+    return 'jaxlib' in maps.read()
+
+
+def _files(directory):
+  return {os.path.relpath(os.path.join(top, name), directory):
+          open(os.path.join(top, name), 'rb').read()
+          for top, _, names in os.walk(directory) for name in names}
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_start_up_exits_at_once_with_one_line(tmp_path):
+  """Issue 21 row 2: while jax is imported, while the run is set up (data, mesh, model) and
+  while a checkpoint is restored, Ctrl-C prints one line and exits 130; the workdir is as it
+  was (no lock, no new step, config.json unchanged)."""
+  workdir = tmp_path / 'run'
+  train(small_config(2, checkpoint_every=2), str(workdir))
+  before = _files(workdir)
+  for moment in ('importing jax', 'setting up', 'restoring'):
+    process = _start('  return small_config(4, checkpoint_every=2)\n', workdir)
+    deadline, seen = time.time() + 300, ''
+    while not _jax_loaded(process):
+      assert process.poll() is None and time.time() < deadline, process.stdout.read()
+      time.sleep(0.05)
+    if moment == 'setting up':
+      time.sleep(1.5)
+    while moment == 'restoring' and 'resuming checkpoint step 2 with changed settings' not in seen:
+      seen += process.stdout.readline()  # printed before the restore
+      assert process.poll() is None, seen
+    sent = time.time()
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    lines = [line for line in (seen + output).splitlines() if line.strip()]
+    assert process.returncode == 130, (moment, lines)
+    assert lines[-1] == 'python -m meki_jax.train: interrupted (Ctrl-C)', (moment, lines)
+    assert not any('Traceback' in line or 'Fatal' in line for line in lines), (moment, lines)
+    assert time.time() - sent < 20, moment  # at once: ~0.05 s on an idle machine
+    assert _files(workdir) == before, moment
 
 
 def _limit_file_size():

@@ -2,6 +2,7 @@
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -116,6 +117,19 @@ def test_a_lock_recorded_by_another_host_counts_while_its_heartbeat_is_fresh(tmp
   workdir_lock.release()
 
 
+def test_a_full_disk_at_start_names_the_file_and_leaves_no_lock(tmp_path):
+  """The lock is the first file the trainer writes (issue 21: '[Errno 28] No space left on
+  device' named no file). A file-size limit of 0 fails every write as a full disk does."""
+  soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (0, hard))  # Python ignores SIGXFSZ: writes fail
+  try:
+    with pytest.raises(OSError, match=f"File too large: '{tmp_path / 'trainer.lock'}'"):
+      lock_lib.WorkdirLock(str(tmp_path)).acquire()
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+  assert not (tmp_path / 'trainer.lock').exists()
+
+
 def test_metrics_past_the_restored_step_are_dropped(tmp_path):
   lines = [json.dumps({'step': step, 'loss': float(step)}) for step in (1, 2, 3, 4, 5)]
   (tmp_path / 'metrics.jsonl').write_text('\n'.join(lines) + '\n{"step": 6, "lo')  # cut by a kill
@@ -128,7 +142,7 @@ def test_metrics_past_the_restored_step_are_dropped(tmp_path):
 def test_written_files_honour_the_umask(tmp_path, umask):
   previous = os.umask(umask)
   try:
-    run_config.save(quickstart.get_config(), str(tmp_path))
+    run_config.write(str(tmp_path), run_config.record(quickstart.get_config()))
     files.write_atomically(str(tmp_path / 'other.json'), '{}')
   finally:
     os.umask(previous)

@@ -27,12 +27,14 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 from meki_jax.train.aot import compile_train_step, parse_topology  # noqa: E402
 
 OFFLOAD_STATE = {'optim.params_on_host': True, 'optim.opt_state_on_host': True}
-SETTINGS = {  # name -> config overrides, in the order search mode tries them
+SETTINGS = {  # name -> config overrides; SEARCH_SETTINGS: those search mode tries, in order
     'mlp': {'model.remat_policy': 'mlp'},  # the recipe's selective recompute
     'full': {'model.remat_policy': 'full'},  # recompute all, keep each layer's input
     # each layer's input in host memory: nothing of the layer loop stays in HBM
     'full_offload_input': {'model.remat_policy': 'full', 'model.remat_offload': ('layer_input',)},
-    # and the parameters and both Adam moments in host memory too
+    # the parameters and both Adam moments in host memory
+    'full_offload_state': {'model.remat_policy': 'full', **OFFLOAD_STATE},
+    # both: each layer's input, the parameters and both Adam moments in host memory
     'full_offload_input_state': {'model.remat_policy': 'full',
                                  'model.remat_offload': ('layer_input',), **OFFLOAD_STATE},
     'mlp_qkv': {'model.remat_policy': 'mlp_qkv'},

@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+import pytest
 
 from configs import base
 from meki_jax import sharding
@@ -19,6 +20,7 @@ def _memory_kinds(tree):
   return {leaf.sharding.memory_kind for leaf in jax.tree_util.tree_leaves(tree)}
 
 
+@pytest.mark.slow  # two 8-device step compiles: 45 s on 2 shared cores
 def test_a_state_in_host_memory_trains_like_one_in_hbm(tiny_model_config):
   """A step on 8 devices (fsdp 4 x tensor 2) from and to host memory: the same metrics and new
   state as in HBM, bit for bit."""

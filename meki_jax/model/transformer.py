@@ -105,7 +105,7 @@ def _embedding(cfg):
 
 def _embed_rows(cfg, embed, token_ids):
   """E_global[token_ids]: [batch, seq] -> [batch, seq, d_model] in the compute dtype."""
-  embed_rows = lookup_rows(embed.embedding, token_ids).astype(jnp.dtype(cfg.dtype))
+  embed_rows = lookup_rows(embed.embedding, token_ids, cfg.dtype)
   return nn.with_logical_constraint(embed_rows, ('batch', 'length', 'embed'))
 
 

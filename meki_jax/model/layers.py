@@ -210,9 +210,12 @@ def lookup_rows(table, token_ids, dtype=None):
     mine = mine & (shard == 0)  # ids beyond the table
     local_ids = block * rows_per_shard + ids % rows_per_shard
 
-    def read(mine, local_ids):  # [batch', seq] -> [batch', seq, local width]
-      rows = jnp.take(table_shard, jnp.where(mine, local_ids, 0), axis=0)
-      return jnp.where(mine[..., None], rows, 0)
+    def read(mine, local_ids):  # [batch', seq] -> [batch', seq, local width]; others' ids: 0
+      # (an index past the table, filled with zeros here and dropped by the gradient, so the
+      # backward pass keeps no [batch', seq, local width] mask)
+      beyond = table_shard.shape[0]
+      return jnp.take(table_shard, jnp.where(mine, local_ids, beyond), axis=0, mode='fill',
+                      fill_value=0)
 
     if columns:  # the ids of one device at a time, so the gradient's scatter-add takes one
       # device's tokens at a time: a TPU lays a [tokens, 32] fp32 update out 128 lanes wide,

@@ -37,13 +37,17 @@ def model_config(*, num_layers, d_model, num_heads, num_kv_heads, d_ff, d_mem):
       dtype='bfloat16',  # activations; parameters stay in param_dtype
       param_dtype='float32',
       remat_policy='mlp',  # none | mlp | mlp_qkv | full; mlp: the recipe's selective recompute
+      # activations the remat policy keeps that live in host memory instead of HBM, of
+      # layer_input | query | key | value | context | attn_out (model/remat.py)
+      remat_offload=(),
       attention='auto',  # auto | xla | blocked | splash (model/attention.py)
       attention_block=512,  # positions per block of the blocked and splash attentions
       loss_chunk_len=256,  # positions per chunk of the logits in the loss (0 = whole sequence)
       # where MeKi's equations (1)-(3) run: auto | tokens | vocabulary (model/meki.py)
       memory_mix='auto',
-      # compute the kernel gradients of the FFN gate/up and MeKi's output projection together
-      # with their input gradients (lower peak memory; model/layers.py, Dense)
+      # compute the kernel gradients of the FFN gate/up (and down, with MeKi parallel to the
+      # FFN and remat other than full) and MeKi's output projection together with their input
+      # gradients (lower peak memory; model/layers.py, Dense)
       weight_grad_first=True,
       meki=ml_collections.ConfigDict(dict(
           enabled=d_mem > 0,
@@ -121,6 +125,10 @@ def get_config(arg=None):
       eps=1e-8,
       weight_decay=0.1,
       clip_norm=1.0,
+      # keep the fp32 parameters / the Adam moments in the host's pinned memory and stream
+      # them into HBM each step (train/state.py)
+      params_on_host=False,
+      opt_state_on_host=False,
   ))
   config.mesh = ml_collections.ConfigDict(dict(
       # Sizes of the mesh axes; -1 takes the devices the other axes leave.

@@ -4,7 +4,7 @@ from meki_jax.data.packing import PACKINGS
 from meki_jax.model.attention import ATTENTION_IMPLEMENTATIONS
 from meki_jax.model.engram import hash_moduli
 from meki_jax.model.meki import FLAVORS, FUSIONS, MEMORIES, MEMORY_MIXES, POSITIONS, PROJECTIONS
-from meki_jax.model.transformer import REMAT_POLICIES
+from meki_jax.model.remat import OFFLOADABLE, REMAT_POLICIES, offloadable_names
 
 DTYPES = ('float32', 'bfloat16', 'float16')
 
@@ -66,6 +66,26 @@ def _validate_engram(model):
     raise ConfigError(str(error)) from error
 
 
+def _validate_remat_offload(model):
+  offload = model.remat_offload
+  _require(isinstance(offload, (list, tuple)) and len(set(offload)) == len(offload)
+           and all(name in OFFLOADABLE for name in offload),
+           f'model.remat_offload={offload!r} must be a tuple of distinct names from '
+           f'{OFFLOADABLE}')
+  if offload:
+    _require(model.remat_policy != 'none', f'model.remat_offload={tuple(offload)!r} needs a '
+             "remat policy: model.remat_policy='none' keeps every activation in HBM")
+    allowed = offloadable_names(model)
+    for name in offload:
+      _require(name in allowed, f'model.remat_offload={tuple(offload)!r}: '
+               f'model.remat_policy={model.remat_policy!r} does not keep {name!r} (with '
+               f'model.qk_norm={model.qk_norm}); it keeps {allowed}')
+    _require('context' not in offload or model.attention in ('xla', 'blocked'),
+             f'model.remat_offload={tuple(offload)!r}: with model.attention='
+             f"{model.attention!r} (the splash kernel on TPU) jax runs the kernel's forward "
+             "again instead of bringing its offloaded context back; keep 'context' in HBM")
+
+
 def validate_model(model):
   """Checks `config.model` (shapes, variant names, dtypes); returns it unchanged."""
   for name in ('vocab_size', 'num_layers', 'd_model', 'num_heads', 'num_kv_heads', 'head_dim',
@@ -81,6 +101,7 @@ def validate_model(model):
   _choice('model', 'dtype', model.dtype, DTYPES)
   _choice('model', 'param_dtype', model.param_dtype, DTYPES)
   _choice('model', 'remat_policy', model.remat_policy, REMAT_POLICIES)
+  _validate_remat_offload(model)
   _choice('model', 'attention', model.attention, ATTENTION_IMPLEMENTATIONS)
   _positive('model', 'attention_block', model.attention_block)
   _require(isinstance(model.loss_chunk_len, int) and model.loss_chunk_len >= 0,
@@ -176,4 +197,6 @@ def validate(config):
              f'optim.b1={optim.b1}, optim.b2={optim.b2} must lie in [0, 1)')
     _require(optim.weight_decay >= 0, f'optim.weight_decay={optim.weight_decay} must be >= 0')
     _require(optim.clip_norm > 0, f'optim.clip_norm={optim.clip_norm} must be positive')
+    for name in ('params_on_host', 'opt_state_on_host'):
+      _require(isinstance(optim[name], bool), f'optim.{name}={optim[name]!r} must be True or False')
   return config

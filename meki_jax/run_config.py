@@ -42,15 +42,18 @@ def _from_plain(value):
 # model fields that choose how the same parameters are computed, not which parameters exist: a
 # resume may change them (e.g. remat 'full' -> 'mlp' on a larger slice)
 IMPLEMENTATION_FIELDS = ('model.remat_policy', 'model.attention', 'model.attention_block',
-                         'model.loss_chunk_len', 'model.memory_mix', 'model.weight_grad_first')
+                         'model.loss_chunk_len', 'model.memory_mix', 'model.weight_grad_first',
+                         'model.remat_offload')
 # what a config.json written before a field existed stands for (configs/base.py's defaults)
 ADDED_MODEL_DEFAULTS = dict(attention='auto', attention_block=512, loss_chunk_len=256,
-                            memory_mix='auto', weight_grad_first=True)
+                            memory_mix='auto', weight_grad_first=True, remat_offload=())
+ADDED_OPTIM_DEFAULTS = dict(params_on_host=False, opt_state_on_host=False)
 
 
 def _upgrade(plain, path):
   """A config.json (at `path`) written before model.flavor, data.mask_eod_input, data.packing
-  and the attention and loss fields existed -> today's keys (ADDED_MODEL_DEFAULTS for the latter).
+  and the attention, loss and memory fields existed -> today's keys (ADDED_MODEL_DEFAULTS,
+  ADDED_OPTIM_DEFAULTS for the latter).
 
   Such runs are the `paper` flavor with per-document packing; their `data.mask_eod_target`
   (loss masked where the TARGET is EOD) is replaced by today's Megatron semantics. Raises
@@ -62,6 +65,8 @@ def _upgrade(plain, path):
     model.setdefault('flavor', 'paper')
     for key, value in ADDED_MODEL_DEFAULTS.items():
       model.setdefault(key, value)
+  for key, value in ADDED_OPTIM_DEFAULTS.items():
+    plain.get('optim', {}).setdefault(key, value)
   if data is not None and 'mask_eod_target' in data:
     del data['mask_eod_target']
     data.setdefault('mask_eod_input', True)

@@ -2,6 +2,7 @@
 
 import importlib
 import pathlib
+import re
 
 import ml_collections
 import pytest
@@ -27,6 +28,11 @@ def test_shipped_configs_validate(name):
     ('model.meki.position', 'before_attention', "model.meki.position='before_attention'"),
     ('model.meki.projection', 'mlp', "model.meki.projection='mlp'"),
     ('model.remat_policy', 'some', "model.remat_policy='some'"),
+    ('model.remat_offload', ('layer_input', 'hidden'),
+     "model.remat_offload=('layer_input', 'hidden') must be a tuple of distinct names"),
+    # with q/k RMSNorm 'mlp' keeps neither q nor k: nothing of them to offload
+    ('model.remat_offload', ('query',), "model.remat_policy='mlp' does not keep 'query'"),
+    ('model.remat_offload', ('context',), "with model.attention='auto' (the splash kernel"),
     ('model.memory_mix', 'rows', "model.memory_mix='rows'"),
     ('model.dtype', 'int8', "model.dtype='int8'"),
     ('model.d_model', 0, 'model.d_model=0'),
@@ -41,15 +47,24 @@ def test_nonsense_fails_naming_the_field(field, value, message):
   for parent in parents:
     section = section[parent]
   section[leaf] = value
-  with pytest.raises(ConfigError, match=message.replace('(', r'\(').replace('[', r'\[')):
+  with pytest.raises(ConfigError, match=re.escape(message)):
     validate(config)
 
 
-def test_a_switch_read_from_json_must_be_a_boolean():
+@pytest.mark.parametrize('section, field', [('model', 'weight_grad_first'),
+                                            ('optim', 'opt_state_on_host')])
+def test_a_switch_read_from_json_must_be_a_boolean(section, field):
   """ml_collections refuses a string for a bool field; a hand-edited config.json does not."""
   config = base.get_config()
-  config.model = ml_collections.ConfigDict(dict(config.model.to_dict(), weight_grad_first='yes'))
-  with pytest.raises(ConfigError, match="model.weight_grad_first='yes' must be True or False"):
+  config[section] = ml_collections.ConfigDict(dict(config[section].to_dict(), **{field: 'yes'}))
+  with pytest.raises(ConfigError, match=f"{section}.{field}='yes' must be True or False"):
+    validate(config)
+
+
+def test_offloading_activations_needs_a_remat_policy():
+  config = base.get_config()
+  config.model.update(remat_policy='none', remat_offload=('layer_input',))
+  with pytest.raises(ConfigError, match="needs a remat policy: model.remat_policy='none'"):
     validate(config)
 
 

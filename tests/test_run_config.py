@@ -75,24 +75,29 @@ def test_missing_and_corrupt_files_name_the_path(tmp_path):
 
 
 def test_implementation_fields_may_change_and_old_files_get_their_defaults(tmp_path):
-  """remat, attention, loss chunking, the memory mix and the weight-gradient order compute the
-  same parameters: a resume may change them; a config.json written before they existed loads
-  with configs/base.py's defaults."""
+  """remat and its offload, attention, loss chunking, the memory mix and the weight-gradient
+  order compute the same parameters: a resume may change them; a config.json written before
+  they (or the state's memory placement) existed loads with configs/base.py's defaults."""
   config = quickstart.get_config()
   _write(config, tmp_path)
   changed = quickstart.get_config()
   changed.model.update(remat_policy='full', attention='blocked', loss_chunk_len=64,
-                       memory_mix='vocabulary', weight_grad_first=False)
+                       memory_mix='vocabulary', weight_grad_first=False,
+                       remat_offload=('layer_input',))
   run_config.check(changed, str(tmp_path))
   _write(changed, tmp_path)
   plain = json.loads((tmp_path / 'config.json').read_text())
-  for key in ('attention', 'attention_block', 'loss_chunk_len', 'memory_mix', 'weight_grad_first'):
+  for key in ('attention', 'attention_block', 'loss_chunk_len', 'memory_mix', 'weight_grad_first',
+              'remat_offload'):
     del plain['model'][key]
+  for key in ('params_on_host', 'opt_state_on_host'):
+    del plain['optim'][key]
   (tmp_path / 'config.json').write_text(json.dumps(plain))
   loaded = validate(run_config.load(str(tmp_path)))
   assert (loaded.model.attention, loaded.model.attention_block, loaded.model.loss_chunk_len,
-          loaded.model.memory_mix, loaded.model.weight_grad_first) == ('auto', 512, 256, 'auto',
-                                                                       True)
+          loaded.model.memory_mix, loaded.model.weight_grad_first,
+          loaded.model.remat_offload) == ('auto', 512, 256, 'auto', True, ())
+  assert not loaded.optim.params_on_host and not loaded.optim.opt_state_on_host
 
 
 def test_a_config_written_before_flavors_loads_as_the_paper_flavor(tmp_path):

@@ -6,9 +6,12 @@
 
 Prints the attention implementation compiled ('auto' is the splash kernel on TPU), where MeKi's
 memory is mixed (model.memory_mix: per token or per vocabulary row), the remat
-policy and accumulation, per-device arguments (parameters + optimizer state + batch),
-temporaries, the total against the chip's HBM, and the model TFLOPs per step (the analytic
-formula of meki_jax/train/flops.py; XLA's cost analysis would count the scanned layer once).
+policy, what lives in host memory (model.remat_offload, optim.params_on_host,
+optim.opt_state_on_host) and accumulation, per-device arguments (parameters + optimizer state +
+batch), temporaries, the total against the chip's HBM, the host memory the program uses, and
+TFLOPs per step: the model's (the analytic formula of meki_jax/train/flops.py) and the
+program's matmuls, recomputation included, every loop multiplied out
+(meki_jax/train/program_flops.py; XLA's cost analysis counts the scanned layer once).
 Runs beside other processes that hold libtpu (an AOT compile opens no chip).
 """
 
@@ -45,15 +48,22 @@ def main(argv):
   if result['memory_mix']:
     per = {'tokens': 'token', 'vocabulary': 'vocabulary row'}[result['memory_mix']]
     setting += f', MeKi memory mixed per {per}'
+  on_host = result['state_on_host'] + tuple(f'activation {name}'
+                                            for name in result['remat_offload'])
+  if on_host:
+    setting += f", in host memory: {', '.join(on_host)}"
   if 'error' in result:
     print(f"{result['topology']} ({result['chips']} chips), {setting}: DOES NOT FIT: "
           f"{result['error']}")
     return
+  host = (f"; host memory {result['host_total_gib']:.2f} GiB (arguments "
+          f"{result['host_argument_gib']:.2f}, temporaries {result['host_temporary_gib']:.2f})"
+          if result['host_total_gib'] else '')
   print(f"{result['topology']} ({result['chips']} chips), {setting}, per device: "
         f"arguments {result['argument_gib']:.2f} GiB, temporaries {result['temporary_gib']:.2f} "
         f"GiB, total {result['total_gib']:.2f} of {result['hbm_gib']} GiB HBM -> "
-        f"{'fits' if result['fits'] else 'DOES NOT FIT'}; "
-        f"{result['model_tflops_per_step']:.1f} model TFLOPs per step")
+        f"{'fits' if result['fits'] else 'DOES NOT FIT'}{host}; TFLOPs per step: model "
+        f"{result['model_tflops_per_step']:.1f}, program {result['program_tflops_per_step']:.1f}")
 
 
 if __name__ == '__main__':

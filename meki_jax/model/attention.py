@@ -70,14 +70,18 @@ def resolve_attention(name, seq, head_dim, block, platform):
 def self_attention(name, q, k, v, segment_ids, block):
   """Document-causal attention with implementation `name` (ATTENTION_IMPLEMENTATIONS).
 
-  Shapes as `xla_attention`. Splash off TPU runs in Pallas interpret mode.
+  Shapes as `xla_attention`. Splash off TPU runs in Pallas interpret mode. What the backward
+  pass needs of the attention is named 'context' for the remat policies: the output of xla and
+  blocked; the splash kernel names its own residuals (output and logsumexp, in its [batch,
+  heads, seq, head_dim] layout), so its output, transposed back to q's layout, is left unnamed:
+  named too, it was kept a second time (128 MiB per layer and device at 1.7B, 256 at 4B).
   """
   platform = target_platform()
   name = resolve_attention(name, q.shape[1], q.shape[-1], block, platform)
   if name == 'xla':
-    return xla_attention(q, k, v, segment_ids)
+    return checkpoint_name(xla_attention(q, k, v, segment_ids), 'context')
   if name == 'blocked':
-    return blocked_attention(q, k, v, segment_ids, block)
+    return checkpoint_name(blocked_attention(q, k, v, segment_ids, block), 'context')
   if name == 'splash':
     return splash_attention(q, k, v, segment_ids, block, interpret=platform != 'tpu')
   raise ValueError(f'model.attention={name!r} is not one of {ATTENTION_IMPLEMENTATIONS}')
@@ -185,7 +189,7 @@ class Attention(nn.Module):
     if cache is None:
       # Parameters do not depend on the implementation: init traces the reference.
       name = 'xla' if self.is_initializing() else self.implementation
-      out = checkpoint_name(self_attention(name, q, k, v, segment_ids, self.block), 'context')
+      out = self_attention(name, q, k, v, segment_ids, self.block)
     else:
       cache = (_write_slots(cache[0], k, positions[:, 0]),
                _write_slots(cache[1], v, positions[:, 0]))

@@ -53,8 +53,11 @@ def project_weight_grad_first(x, kernel, in_axes):
   a sharded kernel, a reduce-scatter) past the rest of the layer's backward pass and keeps what
   it reads, the layer's input and output cotangent, alive through the attention backward. Set on
   the FFN's gate and up and on MeKi's output projection (`config.model.weight_grad_first`), it
-  lowers meki_1p7b's `mlp` step at the recipe's shape from 25.57 to 24.80 GiB per device and
-  leaves dense_1p7b's at 24.28 (on the FFN's down projection or q/k/v it raises dense's).
+  lowered meki_1p7b's `mlp` step at the recipe's shape from 25.57 to 24.80 GiB per device and
+  left dense_1p7b's at 24.28 (on q/k/v it raised dense's). On the FFN's down projection it
+  raises dense's (dense_4b 28.91 -> 29.72 GiB) and meki's under 'full' (meki_1p7b 8.19 ->
+  8.26) and lowers meki_4b's under 'mlp' (30.43 -> 30.02), so it is set there only with a MeKi
+  branch parallel to the FFN and a policy that keeps the attention.
   """
   return _project(x, kernel, in_axes)
 
@@ -139,32 +142,46 @@ def mesh_axes(logical_name):
   return () if spec is None else ((spec,) if isinstance(spec, str) else tuple(spec))
 
 
-def lookup_rows(table, token_ids):
-  """table [vocab, width], token_ids [batch, seq] -> rows [batch, seq, width].
+def lookup_rows(table, token_ids, dtype=None):
+  """table [vocab, width], token_ids [batch, seq] -> rows [batch, seq, width] in `dtype`
+  (default: the table's). Rows are read in the table's dtype and cast before they move, so
+  the table's gradient is accumulated in its own dtype from the cotangent in `dtype`.
 
   When the active mesh shards the vocabulary, the vocabulary axes that also shard the batch
-  are handled one of two ways, whichever moves less data:
+  are handled one of three ways, whichever moves less data:
   - fewer tokens than table rows (small batches): each device looks up only the ids that fall
     in its own slice of rows (others contribute zeros) and the partial rows are summed and
     reduce-scattered back onto the batch sharding (Megatron's vocab-parallel embedding); no
     device holds the whole table, but every device holds the whole batch's rows for a moment.
-  - more tokens than rows (the recipe: 1M tokens per step against 151,680 rows): each device
-    all-gathers the table's slices over those axes (the table sharded only over the remaining
-    vocabulary axes, for the duration of the lookup) and looks up its own rows of the batch;
-    the gradient is reduce-scattered back onto the table's sharding. Holding [global batch, seq,
-    width] rows would cost, at 256 x 4096 tokens and d_model 2048 in fp32, 8 GiB per device.
+  - more tokens than rows, fewer per device than rows, and a width those axes divide (the
+    recipe: 32,768 tokens per chip on v5p-64, 151,680 rows of 2,048): an all-to-all turns each
+    device's slice of rows into a slice of columns of every row, each device looks up its
+    column slice for the ids of all devices along those axes and a second all-to-all hands
+    each device its own tokens' full rows; the gradient takes the same way back. No device
+    holds more than a column slice of the table or its gradient (MaxText shards the table's
+    columns over fsdp to the same end).
+  - otherwise: each device all-gathers the table's slices over those axes (the table sharded
+    only over the remaining vocabulary axes, for the duration of the lookup) and looks up its
+    own rows of the batch; the gradient is the whole table's on every device until it is
+    reduce-scattered back onto the table's sharding. Holding [global batch, seq, width] rows
+    would cost, at 256 x 4096 tokens and d_model 2048 in fp32, 8 GiB per device.
   Vocabulary axes that do not shard the batch stay vocabulary-parallel (partial rows summed).
   """
   mesh = jax.sharding.get_abstract_mesh()
   vocab_axes = mesh_axes('vocab') if not mesh.empty else ()
   vocab_axes = tuple(axis for axis in vocab_axes if mesh.shape[axis] > 1)
+  dtype = table.dtype if dtype is None else jnp.dtype(dtype)
   if not vocab_axes:
-    return jnp.take(table, token_ids, axis=0)
+    return jnp.take(table, token_ids, axis=0).astype(dtype)
   batch_axes = mesh_axes('batch')
   if token_ids.shape[0] % math.prod(mesh.shape[axis] for axis in batch_axes):
     batch_axes = ()  # e.g. init's 1-row batch: replicate the ids, sum the rows everywhere
   shared_axes = tuple(axis for axis in vocab_axes if axis in batch_axes)
+  shared_shards = math.prod(mesh.shape[axis] for axis in shared_axes)
   gather = token_ids.size > table.shape[0]
+  tokens_per_shard = token_ids.size // math.prod(mesh.shape[axis] for axis in batch_axes)
+  columns = (gather and bool(shared_axes) and table.shape[1] % shared_shards == 0
+             and tokens_per_shard < table.shape[0])
   gather_axes = shared_axes if gather else ()
   scatter_axes = () if gather else shared_axes
   sum_axes = tuple(axis for axis in vocab_axes if axis not in batch_axes)
@@ -172,7 +189,10 @@ def lookup_rows(table, token_ids):
 
   def local_lookup(table_shard, ids):  # table_shard [vocab / shards, width]
     rows_per_shard = table_shard.shape[0]
-    if gather_axes:  # [vocab / sum-axes shards, width], blocks row-major over gather_axes
+    if columns:  # [vocab / sum-axes shards, width / shared shards]; ids of all shared shards
+      table_shard = jax.lax.all_to_all(table_shard, gather_axes, 1, 0, tiled=True)
+      ids = jax.lax.all_gather(ids, gather_axes, axis=0, tiled=True)
+    elif gather_axes:  # [vocab / sum-axes shards, width], blocks row-major over gather_axes
       table_shard = jax.lax.all_gather(table_shard, gather_axes, axis=0, tiled=True)
     # Decompose each id's vocabulary shard into its index along every vocabulary axis
     # (row-major over vocab_axes): the id is here if it matches this device's index along the
@@ -189,12 +209,29 @@ def lookup_rows(table, token_ids):
       stride *= mesh.shape[axis]
     mine = mine & (shard == 0)  # ids beyond the table
     local_ids = block * rows_per_shard + ids % rows_per_shard
-    rows = jnp.take(table_shard, jnp.where(mine, local_ids, 0), axis=0)
-    rows = jnp.where(mine[..., None], rows, 0)  # [batch / ids shards, seq, width]
+
+    def read(mine, local_ids):  # [batch', seq] -> [batch', seq, local width]; others' ids: 0
+      # (an index past the table, filled with zeros here and dropped by the gradient, so the
+      # backward pass keeps no [batch', seq, local width] mask)
+      beyond = table_shard.shape[0]
+      return jnp.take(table_shard, jnp.where(mine, local_ids, beyond), axis=0, mode='fill',
+                      fill_value=0)
+
+    if columns:  # the ids of one device at a time, so the gradient's scatter-add takes one
+      # device's tokens at a time: a TPU lays a [tokens, 32] fp32 update out 128 lanes wide,
+      # 512 MiB for the recipe's 1M tokens at once on v6e-64, 8 MiB for one device's
+      split = lambda x: x.reshape((shared_shards, -1) + x.shape[1:])
+      rows = jax.lax.map(lambda args: read(*args), (split(mine), split(local_ids)))
+      rows = rows.reshape((-1,) + rows.shape[2:])
+    else:
+      rows = read(mine, local_ids)  # [batch / ids shards, seq, width]
     if sum_axes:
       rows = jax.lax.psum(rows, sum_axes)
     if scatter_axes:
       rows = jax.lax.psum_scatter(rows, scatter_axes, scatter_dimension=0, tiled=True)
+    rows = rows.astype(dtype)
+    if columns:  # [batch / ids shards * shared shards, seq, width / shared shards] -> own rows
+      rows = jax.lax.all_to_all(rows, gather_axes, 0, 2, tiled=True)
     return rows
 
   P = jax.sharding.PartitionSpec

@@ -22,23 +22,7 @@ from meki_jax.model.engram import EngramMemory, add_engram, engram_enabled, engr
 from meki_jax.model.layers import RMSNorm, SwiGLU, lookup_rows, normal_init
 from meki_jax.model.meki import MekiBranch, output_init_std, resolve_memory_mix
 from meki_jax.model.ple import PerLayerBranch, PerLayerInputs, ple_enabled
-
-# config.model.remat_policy -> what the backward pass keeps of each layer, besides its input
-# (the scan carry, always kept). Per-device memory at the recipe's shape: README, "Will it fit?".
-REMAT_POLICIES = {
-    'none': None,  # keep every activation, fp32 intermediates of the norms included
-    # Megatron's selective recompute: keep the attention's q, k, v, its output ('context', with
-    # the splash kernel's logsumexp) and the output projection; recompute the norms, the FFN's
-    # hidden activations and the MeKi branch (parallel to the FFN, an MLP of its own).
-    'mlp': jax.checkpoint_policies.save_only_these_names('query', 'key', 'value', 'context',
-                                                         'attn_out'),
-    # 'mlp' that also recomputes q, k and v (projections, norms, RoPE): keep only the attention's
-    # output (with the splash kernel: its output and logsumexp, the kernel's named residuals)
-    # and the output projection. The backward pass runs the v projection again; q and k's run
-    # again under 'mlp' too when q/k RMSNorm is on (its gradient needs their pre-norm values).
-    'mlp_qkv': jax.checkpoint_policies.save_only_these_names('context', 'attn_out'),
-    'full': jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input
-}
+from meki_jax.model.remat import checkpoint_policy
 
 
 def meki_enabled(model_config):
@@ -69,6 +53,7 @@ class DecoderLayer(nn.Module):
     norm = lambda name: RMSNorm(axis='embed', eps=cfg.norm_eps, name=name, **dtypes)
     meki_position = cfg.meki.position if meki_enabled(cfg) else None
     out_std = output_init_std(cfg)
+    x = checkpoint_name(x, 'layer_input')  # what model.remat_offload may move to the host
 
     def meki(hidden):
       rows = memory_rows(hidden) if callable(memory_rows) else memory_rows
@@ -93,8 +78,13 @@ class DecoderLayer(nn.Module):
     x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
 
     ffn_in = norm('pre_ffn_norm')(x)  # (7)
+    # and the down projection when MeKi shares the FFN's output and the attention is kept: XLA
+    # deferred its kernel gradient past the attention backward, keeping the FFN's hidden
+    # (608 MiB at meki_4b); under 'full' the barrier costs memory instead (layers.py)
+    down_first = meki_position == 'parallel_ffn' and cfg.remat_policy != 'full'
+    ffn_first = ('gate', 'up', 'down') if down_first else ('gate', 'up')
     ffn = SwiGLU(hidden=cfg.d_ff, out=cfg.d_model, std=cfg.init_std, out_std=out_std,
-                 name='mlp', weight_grad_first=('gate', 'up') if cfg.weight_grad_first else (),
+                 name='mlp', weight_grad_first=ffn_first if cfg.weight_grad_first else (),
                  **dtypes)
     x = x + ffn(ffn_in)
     if meki_position == 'parallel_ffn':
@@ -115,7 +105,7 @@ def _embedding(cfg):
 
 def _embed_rows(cfg, embed, token_ids):
   """E_global[token_ids]: [batch, seq] -> [batch, seq, d_model] in the compute dtype."""
-  embed_rows = lookup_rows(embed.embedding, token_ids).astype(jnp.dtype(cfg.dtype))
+  embed_rows = lookup_rows(embed.embedding, token_ids, cfg.dtype)
   return nn.with_logical_constraint(embed_rows, ('batch', 'length', 'embed'))
 
 
@@ -163,9 +153,9 @@ class Transformer(nn.Module):
     if engram_enabled(cfg):
       engram, slots = EngramMemory(cfg, name='engram')(token_ids, segment_ids), engram_slots(cfg)
 
-    layer = DecoderLayer
-    if REMAT_POLICIES[cfg.remat_policy] is not None:
-      layer = nn.remat(layer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+    layer, policy = DecoderLayer, checkpoint_policy(cfg)
+    if policy is not None:
+      layer = nn.remat(layer, policy=policy, prevent_cse=False)
     layers = nn.scan(
         layer, variable_axes={'params': 0}, split_rngs={'params': True},
         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0, 0,

@@ -22,6 +22,7 @@ from meki_jax.model.attention import resolve_attention
 from meki_jax.model.meki import resolve_memory_mix
 from meki_jax.model.transformer import build_model, meki_enabled
 from meki_jax.train import flops, optim, state as state_lib, step as step_lib
+from meki_jax.train.program_flops import program_flops
 
 GIB = 2**30
 # generation -> (jax topology prefix, HBM GiB per chip, TensorCores per chip counted in the
@@ -83,6 +84,11 @@ def topology_devices(topology):
 def compile_train_step(config, topology):
   """Compiles the train step for `topology`; returns a dict of memory and FLOPs figures.
 
+  Memory per device from the compiled program: HBM (argument, temporary, total GiB) and host
+  memory (host_* GiB: a state or activations kept there). FLOPs per step: the model's
+  (`model_tflops_per_step`, train/flops.py) and the program's matmuls with recomputation and
+  every loop multiplied out (`program_tflops_per_step`, train/program_flops.py).
+
   When the compiler finds the step cannot fit the chip's HBM it refuses to compile; the result
   then has fits=False and the compiler's message under 'error' instead of the memory figures.
   """
@@ -94,7 +100,8 @@ def compile_train_step(config, topology):
   optimizer = optim.make_optimizer(config.optim, config.train.num_steps,
                                    config.model.get('flavor', 'paper'))
   schedule = optim.learning_rate_schedule(config.optim, config.train.num_steps)
-  abstract, shardings = state_lib.state_shardings(model, optimizer, mesh, rules)
+  host_memory = state_lib.host_memory_parts(config.optim)
+  abstract, shardings = state_lib.state_shardings(model, optimizer, mesh, rules, host_memory)
   abstract_state = jax.tree_util.tree_map(
       lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s), abstract,
       shardings)
@@ -114,6 +121,7 @@ def compile_train_step(config, topology):
   result = {
       'topology': topology.name, 'chips': topology.chips, 'hbm_gib': topology.hbm_gib,
       'attention': attention, 'remat_policy': config.model.remat_policy,
+      'remat_offload': tuple(config.model.remat_offload), 'state_on_host': host_memory,
       'memory_mix': (resolve_memory_mix(config.model.memory_mix, micro_batch_tokens,
                                         config.model.vocab_size)
                      if meki_enabled(config.model) else None),
@@ -122,6 +130,7 @@ def compile_train_step(config, topology):
                                * tokens / 1e12,
   }
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    result['program_tflops_per_step'] = program_flops(step_fn, abstract_state, batch) / 1e12
     lowered = step_fn.lower(abstract_state, batch)
     try:
       compiled = lowered.compile()
@@ -134,5 +143,10 @@ def compile_train_step(config, topology):
   temporaries = memory.temp_size_in_bytes
   outputs_not_aliased = memory.output_size_in_bytes - memory.alias_size_in_bytes
   total = arguments + temporaries + outputs_not_aliased + memory.generated_code_size_in_bytes
+  host_outputs = memory.host_output_size_in_bytes - memory.host_alias_size_in_bytes
+  host_total = memory.host_argument_size_in_bytes + memory.host_temp_size_in_bytes + host_outputs
   return {**result, 'argument_gib': arguments / GIB, 'temporary_gib': temporaries / GIB,
-          'total_gib': total / GIB, 'fits': total / GIB <= topology.hbm_gib}
+          'total_gib': total / GIB, 'fits': total / GIB <= topology.hbm_gib,
+          'host_argument_gib': memory.host_argument_size_in_bytes / GIB,
+          'host_temporary_gib': memory.host_temp_size_in_bytes / GIB,
+          'host_total_gib': host_total / GIB}

@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 from meki_jax import files, run_config
 from meki_jax.train import checksums
 from meki_jax.train.errors import RunError
+from meki_jax.train.state import in_device_memory
 
 DAMAGED = 'damaged_checkpoints'  # <workdir>/damaged_checkpoints/<step>: set aside, never deleted
 _REASON_BYTES = 2048
@@ -220,8 +221,9 @@ def nonfinite_leaves(tree):
   """Key paths ('params/layers/...') of the floating-point leaves holding a NaN or an inf."""
   leaves = [(path, leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
             if jnp.issubdtype(leaf.dtype, jnp.floating)]
-  flags = jax.device_get(jax.jit(lambda xs: [jnp.all(jnp.isfinite(x)) for x in xs])(
-      [leaf for _, leaf in leaves]))
+  flags = jax.device_get(jax.jit(
+      lambda xs: [jnp.all(jnp.isfinite(x)) for x in in_device_memory(xs)])(
+          [leaf for _, leaf in leaves]))
   return [jax.tree_util.keystr(path, simple=True, separator='/')
           for (path, _), finite in zip(leaves, flags) if not finite]
 

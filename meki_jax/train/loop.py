@@ -176,7 +176,9 @@ def _train(config, workdir, recorded):
   schedule = optim.learning_rate_schedule(config.optim, schedule_steps)
   optimizer = optim.make_optimizer(config.optim, schedule_steps,
                                    config.model.get('flavor', 'paper'))
-  abstract_state, state_shardings = state_lib.state_shardings(model, optimizer, mesh, rules)
+  host_memory = state_lib.host_memory_parts(config.optim)
+  abstract_state, state_shardings = state_lib.state_shardings(model, optimizer, mesh, rules,
+                                                              host_memory)
   batch_spec = nn.logical_to_mesh_axes(('batch', 'length'), rules)
   batch_sharding = NamedSharding(mesh, batch_spec)
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -199,7 +201,7 @@ def _train(config, workdir, recorded):
       data_iterator = make_data(config.data.shuffle_seed + int(state.step))
     if state is None:
       state = state_lib.create_state(model, optimizer, mesh, rules,
-                                     jax.random.PRNGKey(train_config.seed))
+                                     jax.random.PRNGKey(train_config.seed), host_memory)
       if train_config.init_from_hf:
         state = _start_from_hf(state, state_shardings, config)
     start_step = int(state.step)

@@ -1,8 +1,12 @@
-"""The training state and its creation directly in its sharded layout.
+"""The training state, its creation directly in its sharded layout, and where it lives.
 
 Parameters and optimizer state are initialised inside `jax.jit` with `out_shardings` derived
 from the parameters' logical axes, so each device only ever materialises its own shards (a 4B
 model never exists whole on a host).
+
+Either part may live in the host's pinned memory instead of HBM (`config.optim.params_on_host`,
+`config.optim.opt_state_on_host`): same shards, memory kind 'pinned_host'. A step then streams
+it into HBM (`in_device_memory`) and the step's output shardings send it back.
 """
 
 import flax.linen as nn
@@ -31,11 +35,26 @@ def _init_fn(model, optimizer):
   return init
 
 
-def state_shardings(model, optimizer, mesh, rules):
+HOST_MEMORY_PARTS = ('params', 'opt_state')
+
+
+def host_memory_parts(optim_config):
+  """The parts of the TrainState that `config.optim` keeps in host memory."""
+  return tuple(part for part in HOST_MEMORY_PARTS if optim_config[f'{part}_on_host'])
+
+
+def in_device_memory(tree):
+  """The arrays of `tree` in device memory (HBM), inside jit: a state kept in host memory is
+  streamed in; arrays already in HBM are left where they are (no copy)."""
+  return jax.device_put(tree, jax.memory.Space.Device)
+
+
+def state_shardings(model, optimizer, mesh, rules, host_memory=()):
   """(abstract unboxed TrainState, its NamedShardings) without allocating anything.
 
   The optimizer's moments take their parameter's sharding: optax mirrors the parameter tree,
-  and each moment leaf is matched to the parameter at the same path.
+  and each moment leaf is matched to the parameter at the same path. The parts named in
+  `host_memory` (of HOST_MEMORY_PARTS) get the memory kind 'pinned_host'.
   """
   abstract = jax.eval_shape(_init_fn(model, optimizer), jax.random.PRNGKey(0))
   param_shardings = sharding.logical_shardings(abstract.params, mesh, rules)
@@ -44,6 +63,12 @@ def state_shardings(model, optimizer, mesh, rules):
   opt_shardings = optax.tree_map_params(
       optimizer, lambda _, param_sharding: param_sharding, abstract.opt_state, param_shardings,
       transform_non_params=lambda _: replicated)
+  on_host = lambda tree: jax.tree_util.tree_map(
+      lambda leaf: leaf.with_memory_kind('pinned_host'), tree)
+  if 'params' in host_memory:
+    param_shardings = on_host(param_shardings)
+  if 'opt_state' in host_memory:
+    opt_shardings = on_host(opt_shardings)
   shardings = TrainState(step=replicated, params=param_shardings,
                          opt_state=opt_shardings)
   abstract = TrainState(step=abstract.step, params=unboxed_params, opt_state=abstract.opt_state)
@@ -51,9 +76,9 @@ def state_shardings(model, optimizer, mesh, rules):
   return abstract, shardings
 
 
-def create_state(model, optimizer, mesh, rules, rng):
-  """A freshly initialised, sharded TrainState."""
-  _, shardings = state_shardings(model, optimizer, mesh, rules)
+def create_state(model, optimizer, mesh, rules, rng, host_memory=()):
+  """A freshly initialised, sharded TrainState (`host_memory`: see state_shardings)."""
+  _, shardings = state_shardings(model, optimizer, mesh, rules, host_memory)
   init = _init_fn(model, optimizer)
 
   def unboxed_init(rng):

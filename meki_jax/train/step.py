@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from meki_jax.train.loss import chunked_loss_sum
+from meki_jax.train.state import in_device_memory
 
 BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')
 
@@ -54,12 +55,17 @@ def _grads_and_sums(params, model, batch, grad_accum_steps):
 
 
 def train_step(state, batch, *, model, optimizer, schedule, grad_accum_steps):
-  """One optimizer (global) step. Returns (new state, metrics)."""
-  grads, loss_sum, count = _grads_and_sums(state.params, model, batch, grad_accum_steps)
+  """One optimizer (global) step. Returns (new state, metrics).
+
+  A state kept in host memory (train/state.py) is computed on in HBM: the parameters are
+  streamed in for the forward pass, the optimizer state for the update.
+  """
+  params = in_device_memory(state.params)
+  grads, loss_sum, count = _grads_and_sums(params, model, batch, grad_accum_steps)
   count = jnp.maximum(count, 1.0)
   grads = jax.tree_util.tree_map(lambda g: g / count, grads)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  updates, opt_state = optimizer.update(grads, in_device_memory(state.opt_state), params)
+  params = optax.apply_updates(params, updates)
   metrics = {'loss': loss_sum / count, 'grad_norm': optax.tree.norm(grads),
              'learning_rate': schedule(state.step), 'loss_tokens': count}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
@@ -67,4 +73,4 @@ def train_step(state, batch, *, model, optimizer, schedule, grad_accum_steps):
 
 def eval_step(params, batch, *, model):
   """(sum of masked token losses, loss tokens) for one evaluation batch."""
-  return loss_sums(params, model, batch)
+  return loss_sums(in_device_memory(params), model, batch)

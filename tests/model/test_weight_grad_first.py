@@ -53,13 +53,18 @@ def test_the_backward_pass_ties_the_ffn_gate_up_and_meki_output_gradients(tiny_m
                                                                           d_mem):
   """The scanned layer's backward holds one barrier per such kernel, pairing [.., d_in]
   input gradients with the kernel's gradient: FFN gate and up [d_model, d_ff] and, with
-  MeKi, its output projection [d_mem, d_model]; none with model.weight_grad_first off."""
+  MeKi, the FFN's down [d_ff, d_model] (not under 'full') and MeKi's output projection
+  [d_mem, d_model]; none with model.weight_grad_first off."""
   config = tiny_model_config(meki=dict(d_mem=d_mem), remat_policy='mlp')
   barriers = _backward_barriers(config)
   kernels = sorted(tuple(eqn.outvars[1].aval.shape) for eqn in barriers)
-  expected = [(config.d_model, config.d_ff)] * 2 + ([(d_mem, config.d_model)] if d_mem else [])
+  expected = [(config.d_model, config.d_ff)] * 2
+  if d_mem:
+    expected += [(config.d_ff, config.d_model), (d_mem, config.d_model)]
   assert kernels == sorted(expected)
   for eqn in barriers:
     assert eqn.outvars[0].aval.shape[-1] == eqn.outvars[1].aval.shape[0]  # x grad [.., d_in]
   assert not _backward_barriers(tiny_model_config(meki=dict(d_mem=d_mem), remat_policy='mlp',
                                                   weight_grad_first=False))
+  full = _backward_barriers(tiny_model_config(meki=dict(d_mem=d_mem), remat_policy='full'))
+  assert len(full) == len(expected) - (1 if d_mem else 0)

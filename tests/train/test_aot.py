@@ -49,6 +49,29 @@ def test_auto_attention_compiles_the_splash_kernel_with_a_chunked_loss_for_tpu()
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec('libtpu') is None, reason='needs libtpu (.[tpu])')
+def test_offloaded_activations_and_state_move_from_hbm_to_host_memory():
+  """Each layer's input in host memory under 'full'; then parameters and Adam moments there
+  too: the arguments left in HBM are the batch and the step counter."""
+  config = small_config(num_steps=10)
+  config.model.update(d_model=256, remat_policy='full', remat_offload=('layer_input',))
+  config.data.seq_len = 512
+  activations = compile_train_step(config, parse_topology('v5p-8'))
+  rows_per_chip = config.train.global_batch_size // activations['chips']
+  layer_inputs = config.model.num_layers * rows_per_chip * config.data.seq_len * 256 * 4  # fp32
+  assert activations['host_temporary_gib'] * 2**30 >= layer_inputs
+  assert activations['host_argument_gib'] == 0
+
+  config.optim.update(params_on_host=True, opt_state_on_host=True)
+  state = compile_train_step(config, parse_topology('v5p-8'))
+  assert state['fits'] and state['state_on_host'] == ('params', 'opt_state')
+  batch_and_step = (5 * rows_per_chip * config.data.seq_len * 4 + 512) / 2**30
+  assert state['argument_gib'] <= batch_and_step
+  assert state['host_argument_gib'] == pytest.approx(
+      activations['argument_gib'] - state['argument_gib'])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec('libtpu') is None, reason='needs libtpu (.[tpu])')
 def test_aot_compile_runs_beside_another_process_holding_libtpu(tmp_path):
   """Another process that loaded libtpu (without ALLOW_MULTIPLE_LIBTPU_LOAD) keeps running
   while tools/aot_compile.py compiles; before, libtpu's lockfile aborted the compile."""

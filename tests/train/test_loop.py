@@ -58,6 +58,21 @@ def test_resume_reproduces_the_uninterrupted_losses_exactly(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_run_with_its_state_in_host_memory_trains_and_resumes_like_one_in_hbm(tmp_path):
+  """Parameters and Adam moments in host memory, each layer's input too: the same losses as
+  in HBM, and its checkpoint resumes in HBM (memory placement may change on resume)."""
+  train(small_config(4, checkpoint_every=2), str(tmp_path / 'hbm'))
+  on_host = small_config(2, checkpoint_every=2)
+  on_host.optim.update(schedule_steps=4, params_on_host=True, opt_state_on_host=True)
+  on_host.model.update(remat_policy='full', remat_offload=('layer_input',))
+  train(on_host, str(tmp_path / 'mixed'))
+  train(small_config(4, checkpoint_every=2), str(tmp_path / 'mixed'))
+
+  losses = lambda run: {r['step']: r['loss'] for r in read_metrics(tmp_path / run) if 'loss' in r}
+  assert losses('mixed') == losses('hbm'), (losses('mixed'), losses('hbm'))
+
+
+@pytest.mark.slow
 def test_sigterm_saves_a_restorable_checkpoint_and_exits_cleanly(tmp_path):
   config_file = tmp_path / 'config.py'
   config_file.write_text(

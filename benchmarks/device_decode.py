@@ -21,8 +21,9 @@ Then one worker process per program loads it and, for --rounds rounds, the three
 (a new random order for every phase of every round): prefill --prefill tokens in one call
 (timed), prefill on in chunks of --chunk to each context length, then --steps greedy decode
 steps, each step timed with its MeKi row read from memory.zarr and the argmax. Prints tokens/s
-(all steps of a phase), the per-round ratios' medians, prefill seconds, each worker's peak RSS
-and the file sizes; writes results.json to --work_dir.
+(all steps of a phase) and tokens per second of the worker's CPU time (user + system: less
+sensitive to other load on the machine), the per-round ratios' medians, prefill seconds, each
+worker's peak RSS and the file sizes; writes results.json to --work_dir.
 """
 
 import argparse
@@ -189,12 +190,12 @@ def worker(connection, name, work):
       next_token = logits.argmax(-1)
       connection.send(time.perf_counter() - begin)
     elif command == 'decode':
-      seconds = []
+      seconds, cpu_begin = [], time.process_time()
       for _ in range(args[0]):
         begin = time.perf_counter()
         next_token = session.decode(next_token).argmax(-1)
         seconds.append(time.perf_counter() - begin)
-      connection.send(seconds)
+      connection.send((seconds, time.process_time() - cpu_begin))
     elif command == 'rss':
       connection.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     else:
@@ -241,12 +242,15 @@ def measure(workers, args):
           continue
         more = phase - filled[name]
         ask(workers, name, 'prefill', prompt[used[name]:used[name] + more], args.chunk)
-        steps = ask(workers, name, 'decode', args.steps)
+        steps, cpu_seconds = ask(workers, name, 'decode', args.steps)
         results.setdefault((f'decode after {phase}', name), []).append(len(steps) / sum(steps))
+        results.setdefault((f'decode per CPU-s after {phase}', name), []).append(
+            len(steps) / cpu_seconds)
         used[name] += more
         filled[name] = phase + args.steps
         print(f'round {round_index + 1}, decode after {phase}, {name}: '
-              f'{len(steps) / sum(steps):.2f} tokens/s', flush=True)
+              f'{len(steps) / sum(steps):.2f} tokens/s, {len(steps) / cpu_seconds:.2f} tokens '
+              f'per CPU-second', flush=True)
   return results
 
 
@@ -270,7 +274,8 @@ def report(results, workers, work, args):
            'dense program': file_bytes(work / 'dense-device' / 'model.pte'),
            'meki program': file_bytes(work / 'meki-device' / 'model.pte'),
            'meki tables (int8, memory.zarr)': file_bytes(work / 'meki' / 'memory.zarr')}
-  unit = lambda phase: 's' if phase.startswith('prefill') else 'tokens/s'
+  unit = lambda phase: ('s' if phase.startswith('prefill') else
+                        'tokens/CPU-s' if 'CPU' in phase else 'tokens/s')
   print(f'\n{"phase":<22}{"peer":>12}{"dense":>12}{"meki":>12}{"dense/peer":>12}'
         f'{"meki/dense":>12}   (medians of {args.rounds} rounds; ratios per round)')
   for row in rows:

@@ -189,8 +189,7 @@ def lookup_rows(table, token_ids, dtype=None):
 
   def local_lookup(table_shard, ids):  # table_shard [vocab / shards, width]
     rows_per_shard = table_shard.shape[0]
-    if columns:  # [vocab / sum-axes shards, width / shared shards]; ids of all shared shards
-      table_shard = jax.lax.all_to_all(table_shard, gather_axes, 1, 0, tiled=True)
+    if columns:  # the ids of all shared shards
       ids = jax.lax.all_gather(ids, gather_axes, axis=0, tiled=True)
     elif gather_axes:  # [vocab / sum-axes shards, width], blocks row-major over gather_axes
       table_shard = jax.lax.all_gather(table_shard, gather_axes, axis=0, tiled=True)
@@ -209,22 +208,10 @@ def lookup_rows(table, token_ids, dtype=None):
       stride *= mesh.shape[axis]
     mine = mine & (shard == 0)  # ids beyond the table
     local_ids = block * rows_per_shard + ids % rows_per_shard
-
-    def read(mine, local_ids):  # [batch', seq] -> [batch', seq, local width]; others' ids: 0
-      # (an index past the table, filled with zeros here and dropped by the gradient, so the
-      # backward pass keeps no [batch', seq, local width] mask)
-      beyond = table_shard.shape[0]
-      return jnp.take(table_shard, jnp.where(mine, local_ids, beyond), axis=0, mode='fill',
-                      fill_value=0)
-
-    if columns:  # the ids of one device at a time, so the gradient's scatter-add takes one
-      # device's tokens at a time: a TPU lays a [tokens, 32] fp32 update out 128 lanes wide,
-      # 512 MiB for the recipe's 1M tokens at once on v6e-64, 8 MiB for one device's
-      split = lambda x: x.reshape((shared_shards, -1) + x.shape[1:])
-      rows = jax.lax.map(lambda args: read(*args), (split(mine), split(local_ids)))
-      rows = rows.reshape((-1,) + rows.shape[2:])
+    if columns:  # [batch / ids shards * shared shards, seq, width / shared shards]
+      rows = _column_lookup(gather_axes, dtype, table_shard, mine, local_ids)
     else:
-      rows = read(mine, local_ids)  # [batch / ids shards, seq, width]
+      rows = _read_rows(table_shard, mine, local_ids)  # [batch / ids shards, seq, width]
     if sum_axes:
       rows = jax.lax.psum(rows, sum_axes)
     if scatter_axes:
@@ -239,6 +226,63 @@ def lookup_rows(table, token_ids, dtype=None):
                        in_specs=(P(vocab_axes, None), P(ids_axes or None, None)),
                        out_specs=P(batch_axes or None, None, None), check_vma=False)(
                            table, token_ids)
+
+
+def _read_rows(table, mine, local_ids):
+  """table [rows, width], mine and local_ids [batch', seq] -> [batch', seq, width]: the rows
+  local_ids where mine, zeros elsewhere (read from an index past the table, filled with zeros
+  and dropped by the gradient, so the backward pass keeps no [batch', seq, width] mask)."""
+  beyond = table.shape[0]
+  return jnp.take(table, jnp.where(mine, local_ids, beyond), axis=0, mode='fill', fill_value=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _column_lookup(axes, dtype, table_shard, mine, local_ids):
+  """Inside a shard_map over `axes` (S devices): table_shard [rows, width], mine and local_ids
+  [S * batch', seq] (the ids of all S devices, indexing their row slices stacked in device
+  order) -> [S * batch', seq, width / S], this device's column slice of those rows, in the
+  table's dtype.
+
+  An all-to-all turns the row slices into column slices in `dtype` (the rows are cast to it
+  anyway): in the table's fp32, a TPU lays the parameter out column-major for the all-to-all
+  (64 columns would fill half of 128 lanes) and keeps that 37 MiB copy to the optimizer update
+  (the recipe's 1.7B on v5p-64). Rows are read for one device's ids at a time, so the
+  gradient's scatter-add takes one device's tokens at a time (a TPU lays a [tokens, 32] fp32
+  update out 128 lanes wide: 512 MiB for the recipe's 1M tokens at once on v6e-64, 8 MiB for
+  one device's); the gradient is accumulated in the table's dtype, as jnp.take's.
+  """
+  columns = jax.lax.all_to_all(table_shard.astype(dtype), axes, 1, 0, tiled=True)
+  split = _split_devices(columns.shape[0] // table_shard.shape[0])
+  rows = jax.lax.map(lambda args: _read_rows(columns, *args), (split(mine), split(local_ids)))
+  return rows.reshape((-1,) + rows.shape[2:]).astype(table_shard.dtype)
+
+
+def _column_lookup_fwd(axes, dtype, table_shard, mine, local_ids):
+  rows = _column_lookup(axes, dtype, table_shard, mine, local_ids)
+  return rows, (table_shard, mine, local_ids)  # the table for its shape: a parameter, no copy
+
+
+def _column_lookup_bwd(axes, dtype, residuals, rows_grad):
+  table_shard, mine, local_ids = residuals
+  shards = table_shard.shape[1] // rows_grad.shape[-1]
+  split = _split_devices(shards)
+
+  def add(grad, device):  # one device's tokens: [batch', seq] ids, [batch', seq, width / S]
+    mine, local_ids, rows_grad = device
+    beyond = grad.shape[0]
+    return grad.at[jnp.where(mine, local_ids, beyond)].add(rows_grad, mode='drop'), None
+
+  grad = jnp.zeros((shards * table_shard.shape[0], rows_grad.shape[-1]), table_shard.dtype)
+  grad, _ = jax.lax.scan(add, grad, (split(mine), split(local_ids), split(rows_grad)))
+  return jax.lax.all_to_all(grad, axes, 0, 1, tiled=True), None, None
+
+
+_column_lookup.defvjp(_column_lookup_fwd, _column_lookup_bwd)
+
+
+def _split_devices(shards):
+  """[shards * n, ...] -> [shards, n, ...]."""
+  return lambda x: x.reshape((shards, -1) + x.shape[1:])
 
 
 def _minor_size(axis, vocab_axes, mesh):

@@ -38,6 +38,8 @@ def program_bytes(config, program='8da4w+8w', group_size=32):
   values = {name: int(torch.Size(shape).numel()) for name, shape in shapes.items()}
   if program == 'fp32':
     return 4 * sum(values.values())
+  if group_size < 1:
+    raise ValueError(f'group_size={group_size}: weights per scale must be at least 1')
   misfits = sorted(name for name in linears if shapes[name][1] % group_size)
   if misfits:
     raise ValueError(f'group_size={group_size} does not divide the input width of '

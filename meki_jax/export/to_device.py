@@ -183,6 +183,8 @@ def write_device_export(directory, out, *, cache_len, batch=1, formats=FORMATS, 
   unknown = sorted(set(formats) - set(FORMATS))
   if unknown or not formats:
     raise ValueError(f'formats={list(formats)}: choose from {FORMATS}')
+  if qlinear and group_size < 1:
+    raise ValueError(f'--group_size={group_size}: weights per scale must be at least 1')
   if qlinear and 'pte' in formats and group_size % XNNPACK_GROUP:
     raise ValueError(f'--group_size={group_size}: XNNPACK runs 8da4w only in groups of a '
                      f'multiple of {XNNPACK_GROUP} (--formats=pt2 takes any group size)')

@@ -38,3 +38,5 @@ def test_8da4w_bytes_of_a_small_model(tiny_model_config):
   assert device_sizes.program_bytes(config, '8da4w+8w', group_size=8) == expected
   with pytest.raises(ValueError, match='group_size=16 does not divide the input width of 2 '):
     device_sizes.program_bytes(config, '8da4w+8w', group_size=16)
+  with pytest.raises(ValueError, match='group_size=0: weights per scale must be at least 1'):
+    device_sizes.program_bytes(config, '8da4w+8w', group_size=0)

@@ -170,6 +170,9 @@ def test_a_group_size_xnnpack_cannot_run_is_refused_before_any_work(tmp_path):
                                        r'a multiple of 32 \(--formats=pt2 takes any'):
     to_device.write_device_export(tmp_path / 'no-export-here', tmp_path / 'device', cache_len=8,
                                   qlinear='8da4w', group_size=16)
+  with pytest.raises(ValueError, match='--group_size=0: weights per scale must be at least 1'):
+    to_device.write_device_export(tmp_path / 'no-export-here', tmp_path / 'device', cache_len=8,
+                                  qlinear='8da4w', group_size=0, formats=('pt2',))
 
 @pytest.mark.parametrize('dtype, flavor', [
     ('float16', 'paper'), ('bfloat16', 'paper'), ('float16', 'authors_release'),

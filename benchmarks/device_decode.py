@@ -20,7 +20,10 @@ Builds, once per --work_dir (kept for later runs; each artefact is verified when
 Then one worker process per program loads it and, for --rounds rounds, the three take turns
 (a new random order for every phase of every round): prefill --prefill tokens in one call
 (timed), prefill on in chunks of --chunk to each context length, then --steps greedy decode
-steps, each step timed with its MeKi row read from memory.zarr and the argmax. Prints tokens/s
+steps, each step timed with its MeKi row read from memory.zarr and the argmax; in decoding the
+three take turns of one step each (a new random order every step), so a slow stretch of a
+shared machine (this 2-core VM slows by 2x for seconds at a time) falls on all three alike.
+Prints tokens/s
 (all steps of a phase) and tokens per second of the worker's CPU time (user + system: less
 sensitive to other load on the machine), the per-round ratios' medians, prefill seconds, each
 worker's peak RSS and the file sizes; writes results.json to --work_dir.
@@ -128,6 +131,7 @@ class PeerSession:
     import executorch.kernels.quantized  # noqa: F401
     from executorch.runtime import Runtime
     import torch
+    torch.set_num_threads(1)  # as device_runtime.pte_runners does for ours: the glue only
     self.torch = torch
     self.forward = Runtime.get().load_program(pte).load_method('forward')
     self.length = 0
@@ -224,33 +228,38 @@ def measure(workers, args):
 
   A round: each model prefills --prefill tokens in one call (timed) from an empty cache, then
   for each context length fills its cache with more of the prompt up to that length and
-  decodes --steps tokens; every phase visits the models in a new random order."""
+  decodes --steps tokens. The models decode in turns of one step (a new random order every
+  step), so a slow stretch of a shared machine falls on all three alike; the other phases
+  visit the models in a new random order each."""
   rng = random.Random(0)
   results = {}
   for round_index in range(args.rounds):
     prompt = np.random.default_rng(round_index).integers(0, 151_669, max(args.contexts))
     prompt = prompt.tolist()
-    used = dict.fromkeys(MODELS, 0)  # prompt tokens fed
-    filled = dict.fromkeys(MODELS, 0)  # cache slots written
-    for phase in [None] + args.contexts:
+    used = filled = args.prefill  # prompt tokens fed, cache slots written (alike for all)
+    for name in rng.sample(MODELS, len(MODELS)):
+      ask(workers, name, 'reset')
+      seconds = ask(workers, name, 'prefill', prompt[:args.prefill], args.prefill)
+      results.setdefault((f'prefill {args.prefill}', name), []).append(seconds)
+    for phase in args.contexts:
       for name in rng.sample(MODELS, len(MODELS)):
-        if phase is None:
-          ask(workers, name, 'reset')
-          seconds = ask(workers, name, 'prefill', prompt[:args.prefill], args.prefill)
-          results.setdefault((f'prefill {args.prefill}', name), []).append(seconds)
-          used[name] = filled[name] = args.prefill
-          continue
-        more = phase - filled[name]
-        ask(workers, name, 'prefill', prompt[used[name]:used[name] + more], args.chunk)
-        steps, cpu_seconds = ask(workers, name, 'decode', args.steps)
+        ask(workers, name, 'prefill', prompt[used:used + phase - filled], args.chunk)
+      used, filled = used + phase - filled, phase + args.steps
+      step_seconds, cpu_seconds = {name: [] for name in MODELS}, dict.fromkeys(MODELS, 0.0)
+      for _ in range(args.steps):
+        for name in rng.sample(MODELS, len(MODELS)):
+          (seconds,), cpu = ask(workers, name, 'decode', 1)
+          step_seconds[name].append(seconds)
+          cpu_seconds[name] += cpu
+      for name in MODELS:
+        steps = step_seconds[name]
         results.setdefault((f'decode after {phase}', name), []).append(len(steps) / sum(steps))
         results.setdefault((f'decode per CPU-s after {phase}', name), []).append(
-            len(steps) / cpu_seconds)
-        used[name] += more
-        filled[name] = phase + args.steps
+            len(steps) / cpu_seconds[name])
         print(f'round {round_index + 1}, decode after {phase}, {name}: '
-              f'{len(steps) / sum(steps):.2f} tokens/s, {len(steps) / cpu_seconds:.2f} tokens '
-              f'per CPU-second', flush=True)
+              f'{len(steps) / sum(steps):.2f} tokens/s (median step '
+              f'{1e3 * np.median(steps):.1f} ms), {len(steps) / cpu_seconds[name]:.2f} tokens '
+              'per CPU-second', flush=True)
   return results
 
 

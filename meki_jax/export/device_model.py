@@ -5,8 +5,12 @@ ExecuTorch's LLM export does):
   DeviceModel          every layer's keys and values live in the module as buffers
                        [b, S, kv_heads, hd] (S = cache_len), written in place by ExecuTorch's
                        `llama::update_cache` and read by its `llama::custom_sdpa` (causal over
-                       slots [0, start_pos + t), GQA without repeating keys); the programs keep
-                       them as mutable buffers, so no cache crosses a program boundary
+                       slots [0, start_pos + t), GQA without repeating keys; a one-token call
+                       reads each slot once for all the query heads sharing it); the programs
+                       keep them as mutable buffers, so no cache crosses a program boundary
+  pooled_norms         every RMSNorm's mean of squares taken as a 4-D mean over the two
+                       innermost axes, the form XNNPACK lowers (global average pooling), so a
+                       norm no longer splits the delegated graph around a portable `mean`
   untie_output         the tied output projection as a Linear of its own (a copy of the
                        embedding), so it is quantized as a linear layer, as in HF's Qwen3
   quantize_linears     torchao 8da4w: int4 weights in groups of `group_size` input values,
@@ -56,8 +60,44 @@ class CachedAttention(nn.Module):
     q, k = torch_model.apply_rope(q, cos, sin), torch_model.apply_rope(k, cos, sin)
     torch.ops.llama.update_cache(k, self.k_cache, start_pos)  # in place: slots [p, p + t)
     torch.ops.llama.update_cache(v, self.v_cache, start_pos)
+    if t == 1:
+      return (self.attention.o_proj(self.decode_attention(q, start_pos)),)
     out = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start_pos, None, 0.0, True)
     return (self.attention.o_proj(out.reshape(b, t, -1)),)  # [b, t, d]
+
+  def decode_attention(self, q, start_pos):
+    """One token's attention, q [b, 1, heads, hd] -> [b, 1, heads * hd], reading each kv head's
+    cache once for all the query heads that share it.
+
+    custom_sdpa reads a kv head's slots once per query head. Here the `group` query heads of
+    a kv head become `group` query rows of that kv head, attending without a causal mask to
+    slots [0, start_pos] (custom_sdpa attends to start_pos' + rows slots, so start_pos' =
+    start_pos + 1 - group): the same softmax over the same keys from 1/group of the reads
+    (Qwen3: 2 query heads per kv head at 0.6B and 1.7B, 4 at 4B).
+    """
+    b, _, heads, hd = q.shape
+    kv_heads = self.attention.kv_heads
+    group = heads // kv_heads
+    rows = q.reshape(b, kv_heads, group, hd).transpose(1, 2).contiguous()  # [b, group, kv, hd]
+    out = torch.ops.llama.custom_sdpa(rows, self.k_cache, self.v_cache,
+                                      start_pos + 1 - group, None, 0.0, False)
+    return out.transpose(1, 2).reshape(b, 1, heads * hd)
+
+
+class PooledRMSNorm(nn.Module):
+  """torch_model.RMSNorm (its weight and eps) over x [..., features], the mean of squares
+  computed on [b, rows, features, 1]: the same arithmetic in the one shape of `mean` that
+  ExecuTorch's XNNPACK partitioner delegates."""
+
+  def __init__(self, norm):
+    super().__init__()
+    self.weight, self.eps = norm.weight, norm.eps
+
+  def forward(self, x):
+    x = x.float()
+    squares = (x * x).reshape(x.shape[0], -1, x.shape[-1], 1)  # [b, rows, features, 1]
+    mean = squares.mean(dim=(2, 3), keepdim=True).reshape(*x.shape[:-1], 1)
+    return x * torch.rsqrt(mean + self.eps) * self.weight
 
 
 def dequantize_rows(scheme, memory):
@@ -112,6 +152,15 @@ class DeviceModel(nn.Module):
     return self.lm_head(x)
 
 
+def pooled_norms(model):
+  """Every torch_model.RMSNorm of `model` becomes a PooledRMSNorm holding its weight."""
+  for name, module in list(model.named_modules()):
+    if isinstance(module, torch_model.RMSNorm):
+      owner, _, attribute = name.rpartition('.')
+      setattr(model.get_submodule(owner), attribute, PooledRMSNorm(module))
+  return model
+
+
 def untie_output(model):
   """The output projection becomes a Linear holding a copy of the embedding."""
   weight = model.model.embed_tokens.weight
@@ -158,7 +207,8 @@ def build_device_model(model, *, cache_len, batch=1, scheme=None, logits='last',
   if qlinear not in (None,) + QLINEAR or qembedding not in (None,) + QEMBEDDING:
     raise ValueError(f'qlinear={qlinear!r} / qembedding={qembedding!r}: expected one of '
                      f'{(None,) + QLINEAR} / {(None,) + QEMBEDDING}')
-  device = DeviceModel(model, cache_len=cache_len, batch=batch, scheme=scheme, logits=logits)
+  device = pooled_norms(DeviceModel(model, cache_len=cache_len, batch=batch, scheme=scheme,
+                                    logits=logits))
   if qlinear or qembedding:
     from torchao.utils import unwrap_tensor_subclass
     untie_output(device)

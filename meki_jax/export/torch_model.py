@@ -62,7 +62,8 @@ def rope_tables(positions, head_dim, theta):
 
 def apply_rope(x, cos, sin):
   """x [b, heads, t, head_dim] rotated by the tables of `rope_tables`."""
-  first, second = x.chunk(2, dim=-1)
+  half = x.shape[-1] // 2
+  first, second = x[..., :half], x[..., half:]  # slices: XNNPACK delegates them, not a split
   return x * cos + torch.cat([-second, first], dim=-1) * sin
 
 

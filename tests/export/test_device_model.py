@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from meki_jax.export import device_model, table_quant
+from meki_jax.export import device_model, table_quant, to_device, torch_model
 from meki_jax.export.torch_model import MekiForCausalLM
 from tests.export.test_torch_model import FAST_VARIANTS, TOLERANCE, torch_twin
 from tests.export.conftest import moved_params
@@ -65,6 +65,19 @@ def test_the_cache_in_buffers_gives_the_eager_logits(tiny_model_config, variant)
   with torch.no_grad():
     expected = eager_steps(eager, tokens, rows, prompt_len=7)
     actual = device_steps(device, tokens, rows, prompt_len=7)
+  np.testing.assert_allclose(actual.numpy(), expected.numpy(), rtol=0, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize('kv_heads', [1, 2, 4])
+def test_decoding_every_token_from_slot_zero_gives_the_eager_logits(tiny_model_config, kv_heads):
+  """One token a call from position 0 on: the decode attention's query rows per kv head (4, 2
+  or 1 query heads per kv head) see exactly the slots written so far."""
+  config = tiny_model_config(num_kv_heads=kv_heads)
+  eager, device = eager_and_device(config, logits='all')
+  tokens, rows = inputs(config)
+  with torch.no_grad():
+    expected = eager_steps(eager, tokens, rows, prompt_len=1)
+    actual = device_steps(device, tokens, rows, prompt_len=1)
   np.testing.assert_allclose(actual.numpy(), expected.numpy(), rtol=0, atol=TOLERANCE)
 
 
@@ -151,3 +164,32 @@ def test_a_scheme_is_required_exactly_for_meki(tiny_model_config):
   with pytest.raises(ValueError, match="qlinear='4w'"):
     device_model.build_device_model(MekiForCausalLM(config.to_dict()), cache_len=8,
                                     scheme=table_quant.TableScheme('int8'), qlinear='4w')
+
+
+@pytest.mark.parametrize('shape', [(2, 3, 8), (1, 5, 4, 8)])
+def test_a_pooled_norm_is_the_norm(shape):
+  norm = torch_model.RMSNorm(8, 1e-6)
+  norm.weight.data = torch.randn(8)
+  x = torch.randn(shape)
+  np.testing.assert_allclose(device_model.PooledRMSNorm(norm)(x).detach().numpy(),
+                             norm(x).detach().numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_decoding_leaves_only_the_cache_ops_outside_xnnpack(tiny_model_config):
+  """A decode step of the lowered program runs, per layer, ExecuTorch's two cache writes and
+  its SDPA between XNNPACK partitions: RMSNorm's mean and RoPE's halves are delegated too."""
+  from executorch.exir._serialize._program import deserialize_pte_binary
+  config = tiny_model_config(meki=dict(enabled=False))
+  device = device_model.build_device_model(torch_twin(moved_params(config), config),
+                                           cache_len=CACHE_LEN)
+  pte = to_device.lower_to_executorch(to_device.export_programs(device, CACHE_LEN))
+  plan, = [plan for plan in deserialize_pte_binary(pte).program.execution_plan
+           if plan.name == 'decode']
+  calls = collections.Counter(
+      'delegate' if type(instruction.instr_args).__name__ == 'DelegateCall' else
+      plan.operators[instruction.instr_args.op_index].name
+      for chain in plan.chains for instruction in chain.instructions
+      if type(instruction.instr_args).__name__ in ('DelegateCall', 'KernelCall'))
+  layers = config.num_layers
+  assert calls['llama::update_cache'] == 2 * layers and calls['llama::custom_sdpa'] == layers
+  assert not {'aten::mean', 'aten::split_with_sizes_copy'} & set(calls), calls

@@ -57,28 +57,27 @@ def inputs(config, length=12, seed=0):
   return tokens, rows
 
 
-@pytest.mark.parametrize('variant', FAST_VARIANTS, ids=lambda v: '-'.join(map(str, v.values())))
-def test_the_cache_in_buffers_gives_the_eager_logits(tiny_model_config, variant):
-  config = tiny_model_config(meki=variant)
+def assert_device_steps_match_eager(config, prompt_len):
+  """The DeviceModel's logits over a prompt in one call, then one token a call, are the eager
+  model's."""
   eager, device = eager_and_device(config, logits='all')
   tokens, rows = inputs(config)
   with torch.no_grad():
-    expected = eager_steps(eager, tokens, rows, prompt_len=7)
-    actual = device_steps(device, tokens, rows, prompt_len=7)
+    expected = eager_steps(eager, tokens, rows, prompt_len=prompt_len)
+    actual = device_steps(device, tokens, rows, prompt_len=prompt_len)
   np.testing.assert_allclose(actual.numpy(), expected.numpy(), rtol=0, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize('variant', FAST_VARIANTS, ids=lambda v: '-'.join(map(str, v.values())))
+def test_the_cache_in_buffers_gives_the_eager_logits(tiny_model_config, variant):
+  assert_device_steps_match_eager(tiny_model_config(meki=variant), prompt_len=7)
 
 
 @pytest.mark.parametrize('kv_heads', [1, 2, 4])
 def test_decoding_every_token_from_slot_zero_gives_the_eager_logits(tiny_model_config, kv_heads):
   """One token a call from position 0 on: the decode attention's query rows per kv head (4, 2
   or 1 query heads per kv head) see exactly the slots written so far."""
-  config = tiny_model_config(num_kv_heads=kv_heads)
-  eager, device = eager_and_device(config, logits='all')
-  tokens, rows = inputs(config)
-  with torch.no_grad():
-    expected = eager_steps(eager, tokens, rows, prompt_len=1)
-    actual = device_steps(device, tokens, rows, prompt_len=1)
-  np.testing.assert_allclose(actual.numpy(), expected.numpy(), rtol=0, atol=TOLERANCE)
+  assert_device_steps_match_eager(tiny_model_config(num_kv_heads=kv_heads), prompt_len=1)
 
 
 def test_a_new_prompt_overwrites_the_cache_from_slot_zero(tiny_model_config):

@@ -3,6 +3,7 @@ MeKi-0.6B programs, same quantization, one run, interleaved.
 
   python benchmarks/device_decode.py --work_dir=/tmp/device-bench [--contexts=1024,8192]
       [--steps=64] [--rounds=3] [--prefill=512] [--chunk=1024] [--group_size=32]
+      [--huge_pages=on|off]
 
 Builds, once per --work_dir (kept for later runs; each artefact is verified when loaded):
   qwen3-0.6b/    a Hugging Face Qwen3-0.6B of the real shape and config (28 layers, d 1024,
@@ -17,16 +18,16 @@ Builds, once per --work_dir (kept for later runs; each artefact is verified when
                  linears (group --group_size) and an 8-bit embedding
   meki/, meki-device/     MeKi-0.6B: that backbone plus a random MeKi branch (d_mem 128),
                  folded into int8 tables (a float16 scale per token and layer), same programs
-Then one worker process per program loads it and, for --rounds rounds, the three take turns
-(a new random order for every phase of every round): prefill --prefill tokens in one call
+Then, for each of --rounds rounds, one fresh worker process per program loads it (glibc's
+malloc asking for transparent huge pages unless --huge_pages=off) and the three take turns (a
+new random order for every phase of every round): prefill --prefill tokens in one call
 (timed), prefill on in chunks of --chunk to each context length, then --steps greedy decode
 steps, each step timed with its MeKi row read from memory.zarr and the argmax; in decoding the
 three take turns of one step each (a new random order every step), so a slow stretch of a
 shared machine (this 2-core VM slows by 2x for seconds at a time) falls on all three alike.
-Prints tokens/s
-(all steps of a phase) and tokens per second of the worker's CPU time (user + system: less
-sensitive to other load on the machine), the per-round ratios' medians, prefill seconds, each
-worker's peak RSS and the file sizes; writes results.json to --work_dir.
+Prints tokens/s (all steps of a phase) and tokens per second of the worker's CPU time (user +
+system: less sensitive to other load on the machine), the per-round ratios' medians, prefill
+seconds, each worker's peak RSS and the file sizes; writes results.json to --work_dir.
 """
 
 import argparse
@@ -50,6 +51,7 @@ QWEN3_0P6B = dict(vocab_size=HF_VOCAB, hidden_size=1024, intermediate_size=3072,
                   head_dim=128, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
                   tie_word_embeddings=True, max_position_embeddings=40_960)
 MODELS = ('peer', 'dense', 'meki')
+HUGE_PAGES = 'glibc.malloc.hugetlb=1'  # malloc madvises transparent huge pages
 
 
 def run(command, **kwargs):
@@ -173,17 +175,14 @@ class OurSession:
 
 
 def worker(connection, name, work):
-  """Serves ('prefill', ids, chunk), ('decode', steps), ('reset',) and ('rss',) for one model."""
+  """Serves ('prefill', ids, chunk), ('decode', steps) and ('rss',) for one model."""
   import torch
   session = (PeerSession(work / 'peer' / 'model.pte') if name == 'peer' else
              OurSession(work / f'{name}-device', work / name))
   next_token = None
   while True:
     command, *args = connection.recv()
-    if command == 'reset':
-      session.length = 0
-      connection.send(None)
-    elif command == 'prefill':
+    if command == 'prefill':
       token_ids, chunk = args
       starts = list(range(0, len(token_ids), chunk))
       if len(token_ids) - starts[-1] == 1 and len(starts) > 1:
@@ -207,15 +206,29 @@ def worker(connection, name, work):
       return
 
 
-def start_workers(work):
+def start_workers(work, huge_pages):
+  """One spawned worker process per model; with `huge_pages`, glibc's malloc asks the kernel
+  for transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1, read at process start)."""
   context = multiprocessing.get_context('spawn')
-  workers = {}
-  for name in MODELS:
-    ours, theirs = context.Pipe()
-    process = context.Process(target=worker, args=(theirs, name, work), daemon=True)
-    process.start()
-    workers[name] = (process, ours)
+  workers, environment = {}, dict(os.environ)
+  if huge_pages:
+    os.environ['GLIBC_TUNABLES'] = HUGE_PAGES
+  try:
+    for name in MODELS:
+      ours, theirs = context.Pipe()
+      process = context.Process(target=worker, args=(theirs, name, work), daemon=True)
+      process.start()
+      workers[name] = (process, ours)
+  finally:
+    os.environ.clear()
+    os.environ.update(environment)
   return workers
+
+
+def stop_workers(workers):
+  for process, connection in workers.values():
+    connection.send(('stop',))
+    process.join(timeout=60)
 
 
 def ask(workers, name, *command):
@@ -223,44 +236,58 @@ def ask(workers, name, *command):
   return workers[name][1].recv()
 
 
-def measure(workers, args):
-  """{(phase, model): [per-round value]}: prefill seconds and decode tokens/s.
+def measure(work, args):
+  """{(phase, model): [per-round value]}: prefill seconds, decode tokens/s, peak RSS bytes.
 
-  A round: each model prefills --prefill tokens in one call (timed) from an empty cache, then
-  for each context length fills its cache with more of the prompt up to that length and
-  decodes --steps tokens. The models decode in turns of one step (a new random order every
+  Every round starts the workers afresh, so each model is measured in --rounds processes:
+  where the allocator places a program's memory moves its decode speed from one process to the
+  next (measured with dense-0.6B and MeKi-0.6B loaded in one process, after 1K tokens: without
+  huge pages the one loaded second decoded 5% faster in one order and 12% in the other; with
+  them, 1%). A round: each model prefills --prefill tokens in one call (timed) from an empty
+  cache, then for each context length fills its cache with more of the prompt up to that
+  length and decodes --steps tokens. The models decode in turns of one step (a new random order every
   step), so a slow stretch of a shared machine falls on all three alike; the other phases
   visit the models in a new random order each."""
   rng = random.Random(0)
   results = {}
   for round_index in range(args.rounds):
-    prompt = np.random.default_rng(round_index).integers(0, 151_669, max(args.contexts))
-    prompt = prompt.tolist()
-    used = filled = args.prefill  # prompt tokens fed, cache slots written (alike for all)
-    for name in rng.sample(MODELS, len(MODELS)):
-      ask(workers, name, 'reset')
-      seconds = ask(workers, name, 'prefill', prompt[:args.prefill], args.prefill)
-      results.setdefault((f'prefill {args.prefill}', name), []).append(seconds)
-    for phase in args.contexts:
-      for name in rng.sample(MODELS, len(MODELS)):
-        ask(workers, name, 'prefill', prompt[used:used + phase - filled], args.chunk)
-      used, filled = used + phase - filled, phase + args.steps
-      step_seconds, cpu_seconds = {name: [] for name in MODELS}, dict.fromkeys(MODELS, 0.0)
-      for _ in range(args.steps):
-        for name in rng.sample(MODELS, len(MODELS)):
-          (seconds,), cpu = ask(workers, name, 'decode', 1)
-          step_seconds[name].append(seconds)
-          cpu_seconds[name] += cpu
+    workers = start_workers(work, args.huge_pages == 'on')
+    try:
+      measure_round(workers, args, round_index, rng, results)
       for name in MODELS:
-        steps = step_seconds[name]
-        results.setdefault((f'decode after {phase}', name), []).append(len(steps) / sum(steps))
-        results.setdefault((f'decode per CPU-s after {phase}', name), []).append(
-            len(steps) / cpu_seconds[name])
-        print(f'round {round_index + 1}, decode after {phase}, {name}: '
-              f'{len(steps) / sum(steps):.2f} tokens/s (median step '
-              f'{1e3 * np.median(steps):.1f} ms), {len(steps) / cpu_seconds[name]:.2f} tokens '
-              'per CPU-second', flush=True)
+        results.setdefault(('peak RSS', name), []).append(ask(workers, name, 'rss'))
+    finally:
+      stop_workers(workers)
   return results
+
+
+def measure_round(workers, args, round_index, rng, results):
+  """One round of `measure` on running workers, its values appended to `results`."""
+  prompt = np.random.default_rng(round_index).integers(0, 151_669, max(args.contexts))
+  prompt = prompt.tolist()
+  used = filled = args.prefill  # prompt tokens fed, cache slots written (alike for all)
+  for name in rng.sample(MODELS, len(MODELS)):
+    seconds = ask(workers, name, 'prefill', prompt[:args.prefill], args.prefill)
+    results.setdefault((f'prefill {args.prefill}', name), []).append(seconds)
+  for phase in args.contexts:
+    for name in rng.sample(MODELS, len(MODELS)):
+      ask(workers, name, 'prefill', prompt[used:used + phase - filled], args.chunk)
+    used, filled = used + phase - filled, phase + args.steps
+    step_seconds, cpu_seconds = {name: [] for name in MODELS}, dict.fromkeys(MODELS, 0.0)
+    for _ in range(args.steps):
+      for name in rng.sample(MODELS, len(MODELS)):
+        (seconds,), cpu = ask(workers, name, 'decode', 1)
+        step_seconds[name].append(seconds)
+        cpu_seconds[name] += cpu
+    for name in MODELS:
+      steps = step_seconds[name]
+      results.setdefault((f'decode after {phase}', name), []).append(len(steps) / sum(steps))
+      results.setdefault((f'decode per CPU-s after {phase}', name), []).append(
+          len(steps) / cpu_seconds[name])
+      print(f'round {round_index + 1}, decode after {phase}, {name}: '
+            f'{len(steps) / sum(steps):.2f} tokens/s (median step '
+            f'{1e3 * np.median(steps):.1f} ms), {len(steps) / cpu_seconds[name]:.2f} tokens '
+            'per CPU-second', flush=True)
 
 
 def file_bytes(path):
@@ -270,7 +297,8 @@ def file_bytes(path):
   return sum(file.stat().st_size for file in files if file.is_file())
 
 
-def report(results, workers, work, args):
+def report(results, work, args):
+  rss = {name: max(results.pop(('peak RSS', name))) for name in MODELS}
   rows = []
   for key in sorted({key for key, _ in results}, key=lambda key: (key.split()[0], key)):
     values = {name: results[(key, name)] for name in MODELS}
@@ -278,7 +306,6 @@ def report(results, workers, work, args):
     ratio = lambda a, b: float(np.median(np.array(values[a]) / np.array(values[b])))
     rows.append({'phase': key, **{name: medians[name] for name in MODELS},
                  'dense/peer': ratio('dense', 'peer'), 'meki/dense': ratio('meki', 'dense')})
-  rss = {name: ask(workers, name, 'rss') for name in MODELS}
   sizes = {'peer program': file_bytes(work / 'peer' / 'model.pte'),
            'dense program': file_bytes(work / 'dense-device' / 'model.pte'),
            'meki program': file_bytes(work / 'meki-device' / 'model.pte'),
@@ -312,6 +339,8 @@ def main():
   parser.add_argument('--prefill', type=int, default=512, help='tokens of the timed prefill')
   parser.add_argument('--chunk', type=int, default=1024, help='prefill tokens per call')
   parser.add_argument('--group_size', type=int, default=32, help='8da4w weights per scale')
+  parser.add_argument('--huge_pages', choices=('on', 'off'), default='on',
+                      help='workers run with GLIBC_TUNABLES=glibc.malloc.hugetlb=1')
   parser.add_argument('--build', choices=('hf', 'peer', 'dense', 'meki'),
                       help='build one artefact (the run does this in subprocesses)')
   args = parser.parse_args()
@@ -334,13 +363,7 @@ def main():
       run([sys.executable, __file__, f'--work_dir={work}', f'--build={name}',
            f'--contexts={",".join(map(str, args.contexts))}', f'--steps={args.steps}',
            f'--group_size={args.group_size}'])
-  workers = start_workers(work)
-  try:
-    report(measure(workers, args), workers, work, args)
-  finally:
-    for process, connection in workers.values():
-      connection.send(('stop',))
-      process.join(timeout=60)
+  report(measure(work, args), work, args)
 
 
 if __name__ == '__main__':

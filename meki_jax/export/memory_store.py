@@ -15,8 +15,9 @@ one contiguous read (MeKi-1.7B in fp16: 28 x 256 x 2 B = 14 KB; in int8 28 x 258
 and a flipped bit in it fails that read. Writes go to a temporary directory renamed into place
 (files.replacing; on Cloud Storage copied, manifest.json last); the directory may be a gs:// URL
 on both sides (tensorstore's gcs driver, files.path). Several processes can each write their own
-vocabulary slice (whole shards) into it, and process 0 publishes the result. Imports numpy,
-tensorstore and the standard library only (and meki_jax.files): the JAX exporter and the PyTorch
+vocabulary slice (whole shards) into it, and process 0 publishes the result. A local export's
+rows are read from memory-mapped shards (export/mapped_rows.py). Imports numpy, tensorstore and
+the standard library only (and meki_jax.files, mapped_rows): the JAX exporter and the PyTorch
 side share it.
 """
 
@@ -29,6 +30,7 @@ import numpy as np
 import tensorstore as ts
 
 from meki_jax import files
+from meki_jax.export import mapped_rows
 from meki_jax.export.table_quant import SchemeError, TableScheme
 
 FORMAT = 'meki-export'
@@ -263,9 +265,12 @@ class FoldedMemory:
 
   `rows(token_ids)` -> the stored rows [..., num_layers, width] (table_quant); `program_inputs`
   -> the programs' memory inputs; `dequantized` -> float32 [..., num_layers, d_mem].
-  `cache_bytes` sizes tensorstore's cache, which keeps the shards' indexes (16 B per token) and
-  recently read tokens; the files are immutable, so cached data is validated once, at open, not
-  on every read (benchmarks/export_io.py: this halves the warm gather latency).
+  A local export's rows are read from memory-mapped shards on the caller's thread
+  (export/mapped_rows.py: a decode step's one-token read without tensorstore's thread pool),
+  a remote one's through tensorstore. `cache_bytes` sizes tensorstore's cache, which keeps the
+  shards' indexes (16 B per token) and recently read tokens; the files are immutable, so cached
+  data is validated once, at open, not on every read (benchmarks/export_io.py: this halves the
+  warm gather latency).
   """
 
   def __init__(self, directory, entry, model_config, cache_bytes=DEFAULT_CACHE_BYTES):
@@ -302,6 +307,8 @@ class FoldedMemory:
     for name, (actual, recorded) in checks.items():
       _require(actual == recorded, f'{path}/zarr.json: {name} {actual} != manifest.json '
                f'{recorded}')
+    self.mapped = None if files.is_remote(path) else mapped_rows.MappedRows(
+        path, stored, self.store.dtype.numpy_dtype, entry['rows_per_shard'])
 
   def rows(self, token_ids):
     """token_ids (any int shape, values in [0, vocab)) -> stored rows [*shape, L, width]."""
@@ -311,11 +318,13 @@ class FoldedMemory:
     _require(bad.size == 0, f'token id {bad[:1].tolist()} is outside the vocabulary '
              f'[0, {self.shape[0]}) of the folded memory')
     try:
-      if flat.size == 1:
+      if self.mapped is not None:
+        rows = self.mapped.read(flat)
+      elif flat.size == 1:
         rows = self.store[int(flat[0])].read().result()[None]
       else:
         rows = self.store[flat].read().result()
-    except ValueError as error:  # tensorstore reports a chunk's crc32c mismatch as DATA_LOSS
+    except ValueError as error:  # a chunk's crc32c mismatch (tensorstore: DATA_LOSS)
       raise ExportError(f'reading the rows of token ids {flat[:8].tolist()}: {error}') from error
     return rows.reshape(ids.shape + tuple(self.store.shape[1:]))
 

@@ -245,9 +245,9 @@ def measure(work, args):
   huge pages the one loaded second decoded 5% faster in one order and 12% in the other; with
   them, 1%). A round: each model prefills --prefill tokens in one call (timed) from an empty
   cache, then for each context length fills its cache with more of the prompt up to that
-  length and decodes --steps tokens. The models decode in turns of one step (a new random order every
-  step), so a slow stretch of a shared machine falls on all three alike; the other phases
-  visit the models in a new random order each."""
+  length and decodes --steps tokens. The models decode in turns of one step (a new random
+  order every step), so a slow stretch of a shared machine falls on all three alike; the other
+  phases visit the models in a new random order each."""
   rng = random.Random(0)
   results = {}
   for round_index in range(args.rounds):

@@ -16,9 +16,9 @@ and a flipped bit in it fails that read. Writes go to a temporary directory rena
 (files.replacing; on Cloud Storage copied, manifest.json last); the directory may be a gs:// URL
 on both sides (tensorstore's gcs driver, files.path). Several processes can each write their own
 vocabulary slice (whole shards) into it, and process 0 publishes the result. A local export's
-rows are read from memory-mapped shards (export/mapped_rows.py). Imports numpy, tensorstore and
-the standard library only (and meki_jax.files, mapped_rows): the JAX exporter and the PyTorch
-side share it.
+rows are read with pread (export/shard_reader.py). Imports numpy, tensorstore, google-crc32c
+and the standard library only (and meki_jax.files): the JAX exporter and the PyTorch side share
+it.
 """
 
 import collections
@@ -30,7 +30,7 @@ import numpy as np
 import tensorstore as ts
 
 from meki_jax import files
-from meki_jax.export import mapped_rows
+from meki_jax.export import shard_reader
 from meki_jax.export.table_quant import SchemeError, TableScheme
 
 FORMAT = 'meki-export'
@@ -265,8 +265,8 @@ class FoldedMemory:
 
   `rows(token_ids)` -> the stored rows [..., num_layers, width] (table_quant); `program_inputs`
   -> the programs' memory inputs; `dequantized` -> float32 [..., num_layers, d_mem].
-  A local export's rows are read from memory-mapped shards on the caller's thread
-  (export/mapped_rows.py: a decode step's one-token read without tensorstore's thread pool),
+  A local export's rows are read from its shard files with pread on the caller's thread
+  (export/shard_reader.py: a decode step's one-token read without tensorstore's thread pool),
   a remote one's through tensorstore. `cache_bytes` sizes tensorstore's cache, which keeps the
   shards' indexes (16 B per token) and recently read tokens; the files are immutable, so cached
   data is validated once, at open, not on every read (benchmarks/export_io.py: this halves the
@@ -307,7 +307,7 @@ class FoldedMemory:
     for name, (actual, recorded) in checks.items():
       _require(actual == recorded, f'{path}/zarr.json: {name} {actual} != manifest.json '
                f'{recorded}')
-    self.mapped = None if files.is_remote(path) else mapped_rows.MappedRows(
+    self.reader = None if files.is_remote(path) else shard_reader.ShardReader(
         path, stored, self.store.dtype.numpy_dtype, entry['rows_per_shard'])
 
   def rows(self, token_ids):
@@ -318,8 +318,8 @@ class FoldedMemory:
     _require(bad.size == 0, f'token id {bad[:1].tolist()} is outside the vocabulary '
              f'[0, {self.shape[0]}) of the folded memory')
     try:
-      if self.mapped is not None:
-        rows = self.mapped.read(flat)
+      if self.reader is not None:
+        rows = self.reader.read(flat)
       elif flat.size == 1:
         rows = self.store[int(flat[0])].read().result()[None]
       else:

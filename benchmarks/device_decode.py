@@ -21,10 +21,11 @@ Builds, once per --work_dir (kept for later runs; each artefact is verified when
 Then, for each of --rounds rounds, one fresh worker process per program loads it (glibc's
 malloc asking for transparent huge pages unless --huge_pages=off) and the three take turns (a
 new random order for every phase of every round): prefill --prefill tokens in one call
-(untimed, then again timed), prefill on in chunks of --chunk to each context length, then --steps greedy decode
-steps, each step timed with its MeKi row read from memory.zarr and the argmax; in decoding the
-three take turns of one step each (a new random order every step), so a slow stretch of a
-shared machine (this 2-core VM slows by 2x for seconds at a time) falls on all three alike.
+(untimed, then again timed), prefill on in chunks of --chunk to each context length, then
+--steps greedy decode steps, each step timed with its MeKi row read from memory.zarr and the
+argmax; in decoding the three take turns of one step each (a new random order every step), so
+a slow stretch of a shared machine (this 2-core VM slows by 2x for seconds at a time) falls on
+all three alike.
 Prints tokens/s (all steps of a phase) and tokens per second of the worker's CPU time (user +
 system: less sensitive to other load on the machine), the per-round ratios' medians, prefill
 seconds, each worker's peak RSS and the file sizes; writes results.json to --work_dir.
@@ -223,12 +224,17 @@ def start_workers(work, huge_pages):
       ours, theirs = context.Pipe()
       process = context.Process(target=worker, args=(theirs, name, work), daemon=True)
       process.start()
+      theirs.close()  # the worker's end: its exit then ends `ours` with EOF
       workers[name] = (process, ours)
   finally:
     os.environ.clear()
     os.environ.update(environment)
-  for _, connection in workers.values():  # all loaded before anything is timed
-    assert connection.recv() == 'ready'
+  for name, (_, connection) in workers.items():  # all loaded before anything is timed
+    try:
+      connection.recv()
+    except EOFError:
+      raise SystemExit(f'the {name} worker ended while loading its program (its error is '
+                       'printed above)') from None
   return workers
 
 

@@ -72,7 +72,7 @@ def process_shards(num_shards, process_index, process_count):
 
 def shard_file(index):
   """The path of shard `index` relative to the export directory."""
-  return f'{TABLES}/c/{index}/0/0'
+  return f'{TABLES}/{shard_reader.shard_path(index)}'
 
 
 def _table_spec(path, shape=None, dtype=None, rows_per_shard=None):

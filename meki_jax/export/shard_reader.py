@@ -12,7 +12,7 @@ faulted-in file pages count in the process's RSS, 64 KB around each touched page
 process after 8K tokens: 1.09x the dense one's peak RSS with a map, 1.04x before it).
 
 The layout is the zarr3 `sharding_indexed` codec memory_store writes and checks at open: shard
-i is memory.zarr/c/i/0/0, chunk j of a shard (token i * rows_per_shard + j) is
+i is memory.zarr/c/i/0/0 (shard_path), chunk j of a shard (token i * rows_per_shard + j) is
 [1, num_layers, width] little-endian values followed by their crc32c (4 bytes, little-endian),
 and the shard ends with its index, rows_per_shard (offset, nbytes) uint64 pairs followed by
 their crc32c. A chunk never written (offset = nbytes = 2**64 - 1) reads as the fill value 0.
@@ -27,6 +27,13 @@ import google_crc32c
 import numpy as np
 
 MISSING = 2**64 - 1
+
+
+def shard_path(index):
+  """The path of shard `index` inside memory.zarr (memory_store writes it there)."""
+  return f'c/{index}/0/0'
+
+
 CRC_BYTES = 4
 INDEX_ENTRY = np.dtype('<u8')
 
@@ -56,7 +63,7 @@ class ShardReader:
 
   def shard(self, index):
     if index not in self.shards:
-      path = self.table_dir / 'c' / str(index) / '0' / '0'
+      path = self.table_dir / shard_path(index)
       try:
         descriptor = os.open(path, os.O_RDONLY)
       except OSError as error:
